@@ -1,0 +1,1 @@
+"""Data sets: the built-in synthetic behaviour log and statistics of behaviour logs."""
