@@ -45,6 +45,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as _dt
+import functools
 import gzip
 import json
 import os
@@ -472,12 +473,12 @@ def _json_strings(values: list[str]) -> list[str]:
     return [json.dumps(v) for v in values]
 
 
-def _review_time(days: np.ndarray) -> np.ndarray:
-    """``reviewTime`` strings ("MM D, YYYY", month zero-padded, day not) for day numbers."""
-    unique = np.unique(days)
-    dates = [_dt.date(1970, 1, 1) + _dt.timedelta(days=int(d)) for d in unique]
-    text = np.array([f"{d.month:02d} {d.day}, {d.year}" for d in dates])
-    return text[np.searchsorted(unique, days)]
+@functools.lru_cache(maxsize=1)
+def _review_time_by_day() -> np.ndarray:
+    """``reviewTime`` strings ("MM D, YYYY": month zero-padded, day not) for every day the
+    generator can produce, indexed by ``day - _FIRST_DAY``."""
+    dates = (_dt.date(1970, 1, 1) + _dt.timedelta(days=d) for d in range(_FIRST_DAY, _LAST_DAY + 1))
+    return np.array([f"{d.month:02d} {d.day}, {d.year}" for d in dates])
 
 
 def review_lines(
@@ -501,7 +502,7 @@ def review_lines(
     text = rng.integers(0, len(texts), n)
     votes = np.minimum(rng.geometric(0.55, n) - 1, 500)
     helpful_yes = np.floor(votes * rng.random(n) ** 0.5).astype(np.int64)
-    review_time = _review_time(block.day)
+    review_time = _review_time_by_day()[block.day - _FIRST_DAY]
     asins = catalogue.asins
     for i in order.tolist():
         local_user = int(block.user[i]) - first_user
