@@ -8,7 +8,8 @@ What it does, in order, and only when something changed since the last successfu
 the venv records the hash of the lock, this script and pyproject.toml):
 
 1. creates the venv with the running Python (3.11 required);
-2. installs pip, setuptools and wheel at the lock's versions, then every locked package with
+2. installs pip, setuptools, wheel and packaging at the lock's versions (a few locked packages
+   are source distributions and build with them), then every locked package with
    ``--no-deps`` (the resolver picks nothing) and ``--no-build-isolation`` (sdists build with the
    locked setuptools), then removes packages the lock does not list;
 3. installs this project in editable mode, without dependencies;
@@ -31,7 +32,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCKS = {"tf2.21": ".venv", "tf2.12": ".venv-tf2.12"}
-BOOTSTRAP = ("pip", "setuptools", "wheel")
+BOOTSTRAP = ("pip", "setuptools", "wheel", "packaging")  # what building the locked sdists needs
 NOT_LOCKED = {"sim-merlin", "horovod"}  # installed by steps 3 and 4, not from the lock
 STAMP = ".sim-merlin-setup"
 
