@@ -1,0 +1,1 @@
+"""Preprocessing: raw Amazon-layout logs -> parquet + Merlin schema, with NVTabular workflows."""

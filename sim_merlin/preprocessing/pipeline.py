@@ -1,0 +1,286 @@
+"""Raw Amazon-layout logs -> SIM training data (parquet + Merlin schema), with NVTabular.
+
+Stages (each shows progress; all intermediate files live in a temporary directory next to the
+output, which is renamed into place only when everything succeeded):
+
+1. **read**: reviews and meta files -> parquet parts (:mod:`sim_merlin.preprocessing.raw`);
+2. **encode** (NVTabular workflow, fitted): join each review with its item's category and item
+   features (``JoinExternal``), count behaviours per user (``JoinGroupby``) and keep users with at
+   least ``min_user_interactions`` (``Filter``), then ``Categorify`` users, items, categories and
+   extra features (0 = padding, 1 = null, 2 = out-of-vocabulary; real values from 3);
+3. **group** (NVTabular workflow): hash-partition by user (``shuffle_by_keys``, so no user is
+   split) and ``Groupby`` user, sorting each user's behaviours by (time, item string) as the
+   reference does;
+4. **samples** (NVTabular workflows, one per split): :class:`BuildSamples` emits the train and test
+   samples with negatives, written with ``to_parquet`` together with their ``schema.pbtxt``.
+
+The fitted encode workflow is saved under ``OUTPUT/workflow`` so new logs can be encoded the same
+way later (``nvtabular.Workflow.load``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+import numpy as np
+import pandas as pd
+
+from sim_merlin.environment import announce_backend, compute_backend
+from sim_merlin.preprocessing import raw
+from sim_merlin.schema import CATEGORY_ID, ITEM_ID, USER_ID
+
+
+class PreprocessingError(RuntimeError):
+    """The data cannot be turned into samples (the message says why and what to change)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PreprocessConfig:
+    reviews: Path
+    meta: Path
+    output: Path
+    min_user_interactions: int = 20
+    max_sequence_length: int = 100
+    min_history: int = 1
+    seed: int = 12345
+    item_features: tuple[str, ...] = ()
+    user_features: tuple[str, ...] = ()
+    exclude_positive_negatives: bool = False
+    keep_duplicates: bool = False
+    skip_bad_lines: bool = False
+    overwrite: bool = False
+    workers: int = 0
+    users_per_partition: int = 2000
+    device: str = "auto"
+
+    def __post_init__(self):
+        if self.min_user_interactions < 3:
+            raise ValueError(
+                "min_user_interactions must be >= 3 (a user needs a test sample and at least one "
+                f"training sample), got {self.min_user_interactions}"
+            )
+        if self.min_history < 1:
+            raise ValueError(f"shortest_sequence_for_training must be >= 1, got {self.min_history}")
+        if self.max_sequence_length < 1:
+            raise ValueError(f"max_sequence_length must be >= 1, got {self.max_sequence_length}")
+        reserved = {"user", "item", "time", "category", "asin", "reviewerID", "unixReviewTime"}
+        for name in (*self.item_features, *self.user_features):
+            if name in reserved or not name.isidentifier():
+                raise ValueError(f"feature name {name!r} is reserved or not an identifier")
+        if self.device not in ("auto", "cpu", "gpu"):
+            raise ValueError(f"device must be auto, cpu or gpu, got {self.device!r}")
+
+
+class _Stages:
+    """Prints one line per stage with its wall time (and keeps them for the summary)."""
+
+    def __init__(self, stream=sys.stderr):
+        self.stream = stream
+        self.times: dict[str, float] = {}
+
+    def run(self, name: str, function, *args, **kwargs):
+        print(f"[preprocess] {name} ...", file=self.stream, flush=True)
+        started = time.perf_counter()
+        result = function(*args, **kwargs)
+        self.times[name] = time.perf_counter() - started
+        print(f"[preprocess] {name}: {self.times[name]:.1f} s", file=self.stream, flush=True)
+        return result
+
+
+def _line_progress(description: str):
+    from tqdm import tqdm
+
+    bar = tqdm(desc=description, unit=" lines", unit_scale=True, mininterval=2.0, file=sys.stderr,
+               disable=None)
+    return bar
+
+
+def _read_raw(config: PreprocessConfig, work: Path, workers: int) -> tuple[raw.ReadResult, raw.ReadResult]:
+    bar = _line_progress("read reviews")
+    reviews = raw.read_reviews(
+        config.reviews, work / "reviews", user_features=config.user_features,
+        skip_bad_lines=config.skip_bad_lines, workers=workers, progress=bar.update,
+    )
+    bar.close()
+    bar = _line_progress("read meta")
+    meta = raw.read_meta(
+        config.meta, work / "meta", item_features=config.item_features,
+        skip_bad_lines=config.skip_bad_lines, workers=workers, progress=bar.update,
+    )
+    bar.close()
+    if reviews.rows == 0:
+        raise PreprocessingError(f"{config.reviews}: no reviews were read ({reviews.lines} lines)")
+    return reviews, meta
+
+
+def _items_table(meta: raw.ReadResult, config: PreprocessConfig) -> pd.DataFrame:
+    """One row per item (asin, category, item features); duplicate asins are an error."""
+    frames = [pd.read_parquet(p) for p in meta.parts]
+    items = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
+        {"item": [], "category": [], "line": []}
+    )
+    repeated = items[items.duplicated("item", keep=False)]
+    if len(repeated):
+        asin = repeated["item"].iloc[0]
+        lines = repeated.loc[repeated["item"] == asin, "line"].tolist()
+        if not config.skip_bad_lines:
+            raise PreprocessingError(
+                f"{config.meta}: item {asin!r} appears more than once (lines "
+                f"{', '.join(map(str, lines[:5]))}); each item needs exactly one meta line "
+                "(--skip_bad_lines keeps the first)"
+            )
+        items = items.drop_duplicates("item", keep="first")
+    return items.drop(columns=["line"]).rename(columns={"item": ITEM_ID, "category": CATEGORY_ID})
+
+
+def _encode(config: PreprocessConfig, work: Path, items: pd.DataFrame, reviews_dir: Path):
+    import nvtabular as nvt
+    from merlin.io import Dataset
+
+    item_extra = list(config.item_features)
+    user_extra = list(config.user_features)
+    reviews = Dataset(str(reviews_dir), engine="parquet")
+    joined = [USER_ID, ITEM_ID, "time", *user_extra] >> nvt.ops.JoinExternal(
+        items, on=ITEM_ID, how="left", columns_ext=[ITEM_ID, CATEGORY_ID, *item_extra]
+    )
+    category = joined[CATEGORY_ID] >> nvt.ops.FillMissing(fill_val=raw.NO_CATEGORY)
+    counts = [USER_ID] >> nvt.ops.JoinGroupby(cont_cols=[ITEM_ID], stats=["count"])
+    kept = (
+        joined[[USER_ID, ITEM_ID, "time", *user_extra, *item_extra]] + category + counts
+    ) >> nvt.ops.Filter(
+        f=lambda df, n=config.min_user_interactions: df[f"{USER_ID}_count"] >= n
+    )
+    asin = kept[ITEM_ID] >> nvt.ops.Rename(f=lambda name: "item_asin")
+    encoded = kept[[USER_ID, ITEM_ID, CATEGORY_ID, *user_extra, *item_extra]] >> nvt.ops.Categorify()
+    workflow = nvt.Workflow(encoded + asin + kept["time"])
+    workflow.fit(reviews)
+    out = work / "encoded"
+    workflow.transform(reviews).to_parquet(str(out), output_files=None)
+    return workflow, out
+
+
+def preprocess(config: PreprocessConfig) -> dict:
+    """Run the whole pipeline; return a summary (counts, cardinalities, stage times)."""
+    backend = compute_backend(prefer_gpu=config.device != "cpu")
+    if config.device == "gpu" and not backend.is_gpu:
+        raise PreprocessingError(f"--device gpu was requested but {backend.reason}")
+    announce_backend("preprocess", backend)
+    output = Path(config.output)
+    if output.exists() and not config.overwrite:
+        raise PreprocessingError(
+            f"output directory {output} already exists; choose another or pass --overwrite"
+        )
+    output.parent.mkdir(parents=True, exist_ok=True)
+    work = output.parent / f".{output.name}.partial-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    stages = _Stages()
+    workers = config.workers or raw.default_workers()
+    try:
+        summary = _run(config, work, stages, workers)
+        final = work / "final"
+        (final / "preprocess.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        if output.exists():
+            shutil.rmtree(output)
+        final.rename(output)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return summary
+
+
+def _run(config: PreprocessConfig, work: Path, stages: _Stages, workers: int) -> dict:
+    import nvtabular as nvt
+    from merlin.io import Dataset
+
+    from sim_merlin.preprocessing.operators import BuildSamples
+    from sim_merlin.preprocessing.samples import NegativeSampler
+
+    reviews, meta = stages.run("read", _read_raw, config, work, workers)
+    items = _items_table(meta, config)
+    workflow, encoded_dir = stages.run("encode", _encode, config, work, items, work / "reviews")
+    encoded = Dataset(str(encoded_dir), engine="parquet")
+    frame = encoded.to_ddf()[[ITEM_ID, CATEGORY_ID, *config.item_features, USER_ID]].compute()
+    if len(frame) == 0:
+        raise PreprocessingError(
+            f"no user has at least {config.min_user_interactions} behaviours in {config.reviews} "
+            f"({reviews.rows} reviews read); lower --min_user_interactions"
+        )
+    item_names = [ITEM_ID, CATEGORY_ID, *config.item_features]
+    user_names = [USER_ID, *config.user_features]
+    cardinalities = {
+        name: int(workflow.output_schema[name].int_domain.max) + 1
+        for name in item_names + user_names
+    }
+    # Item id -> each item feature (every item has one value; pad/null/OOV rows stay 0).
+    item_table = {}
+    for name in item_names[1:]:
+        table = np.zeros(cardinalities[ITEM_ID], dtype=np.int32)
+        table[frame[ITEM_ID].to_numpy()] = frame[name].to_numpy()
+        item_table[name] = table
+    sampler = NegativeSampler(frame[ITEM_ID].to_numpy(), item_table)
+    n_users = int(frame[USER_ID].nunique())
+
+    def group():
+        aggs = {name: ["list"] for name in item_names + ["time"]}
+        aggs.update({name: ["last"] for name in config.user_features})
+        grouped = [USER_ID, "time", "item_asin", *item_names[1:], *config.user_features, ITEM_ID] >> nvt.ops.Groupby(
+            groupby_cols=[USER_ID], sort_cols=["time", "item_asin"], aggs=aggs, name_sep="_"
+        )
+        partitions = max(1, -(-n_users // config.users_per_partition))
+        dataset = Dataset(str(encoded_dir), engine="parquet").shuffle_by_keys(
+            [USER_ID], npartitions=partitions
+        )
+        grouped_workflow = nvt.Workflow(grouped)
+        grouped_workflow.fit_schema(dataset.schema)
+        out = work / "grouped"
+        grouped_workflow.transform(dataset).to_parquet(str(out), output_files=partitions)
+        return out
+
+    grouped_dir = stages.run("group", group)
+
+    def samples(split: str):
+        op = BuildSamples(
+            split, config.max_sequence_length, config.seed, sampler,
+            item_cardinalities={n: cardinalities[n] for n in item_names},
+            user_cardinalities={n: cardinalities[n] for n in user_names},
+            keep_duplicates=config.keep_duplicates,
+            exclude_positive_negatives=config.exclude_positive_negatives,
+            min_history=config.min_history,
+        )
+        dataset = Dataset(str(grouped_dir), engine="parquet", part_size="1GB")
+        sample_workflow = nvt.Workflow(op.input_columns() >> op)
+        sample_workflow.fit_schema(dataset.schema)
+        sample_workflow.transform(dataset).to_parquet(
+            str(work / "final" / split), output_files=dataset.npartitions
+        )
+
+    stages.run("train samples", samples, "train")
+    stages.run("test samples", samples, "test")
+    workflow.save(str(work / "final" / "workflow"))
+    counts = {
+        split: int(Dataset(str(work / "final" / split), engine="parquet").num_rows)
+        for split in ("train", "test")
+    }
+    return {
+        "reviews": str(config.reviews),
+        "meta": str(config.meta),
+        "review_lines": reviews.lines,
+        "reviews_read": reviews.rows,
+        "bad_review_lines_skipped": reviews.skipped,
+        "meta_items": meta.rows,
+        "bad_meta_lines_skipped": meta.skipped,
+        "skipped_line_examples": reviews.examples + meta.examples,
+        "users": n_users,
+        "interactions_kept": int(len(frame)),
+        "cardinalities": cardinalities,
+        "train_rows": counts["train"],
+        "test_rows": counts["test"],
+        "config": {k: (list(v) if isinstance(v, tuple) else v)
+                   for k, v in dataclasses.asdict(config).items()},
+        "stage_seconds": stages.times,
+        "backend": compute_backend(prefer_gpu=config.device != "cpu").name,
+    }
