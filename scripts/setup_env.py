@@ -76,12 +76,17 @@ def venv_python(venv: Path) -> Path:
     return venv / "bin" / "python"
 
 
-def installed(python: Path) -> set[str]:
+def installed(python: Path) -> dict[str, str]:
+    """Normalised name -> version of what pip sees installed in the venv of ``python``."""
     out = subprocess.run(
         [str(python), "-m", "pip", "list", "--format=freeze", "--disable-pip-version-check"],
         check=True, capture_output=True, text=True,
     ).stdout
-    return {normalise(line.split("==")[0]) for line in out.splitlines() if "==" in line}
+    return {
+        normalise(line.split("==")[0]): line.split("==")[1]
+        for line in out.splitlines()
+        if "==" in line
+    }
 
 
 def setup(lock_name: str, venv: Path, with_horovod: bool) -> None:
@@ -109,7 +114,7 @@ def setup(lock_name: str, venv: Path, with_horovod: bool) -> None:
     requirements = venv / "locked-requirements.txt"
     requirements.write_text("\n".join(rest) + "\n")
     run(*pip, "install", "--no-deps", "--no-build-isolation", "-r", str(requirements))
-    stale = sorted(installed(python) - set(pins) - NOT_LOCKED)
+    stale = sorted(set(installed(python)) - set(pins) - NOT_LOCKED)
     if stale:
         run(*pip, "uninstall", "-y", *stale)
     run(*pip, "install", "--no-deps", "--no-build-isolation", "-e", str(ROOT))

@@ -4,14 +4,17 @@ Stages (each shows progress; all intermediate files live in a temporary director
 output, which is renamed into place only when everything succeeded):
 
 1. **read**: reviews and meta files -> parquet parts (:mod:`sim_merlin.preprocessing.raw`);
-2. **encode** (NVTabular workflow, fitted): join each review with its item's category and item
-   features (``JoinExternal``), count behaviours per user (``JoinGroupby``) and keep users with at
-   least ``min_user_interactions`` (``Filter``), then ``Categorify`` users, items, categories and
-   extra features (0 = padding, 1 = null, 2 = out-of-vocabulary; real values from 3);
-3. **group** (NVTabular workflow): hash-partition by user (``shuffle_by_keys``, so no user is
+2. **filter users** (NVTabular workflow): count behaviours per user (``JoinGroupby``) and keep
+   users with at least ``min_user_interactions`` (``Filter``), duplicates counted as the
+   reference counts them;
+3. **encode** (NVTabular workflow, fitted on the kept behaviours): join each review with its
+   item's category and item features (``JoinExternal``), then ``Categorify`` users, items,
+   categories and extra features (0 = padding, 1 = null, 2 = out-of-vocabulary; real values
+   from 3);
+4. **group** (NVTabular workflow): hash-partition by user (``shuffle_by_keys``, so no user is
    split) and ``Groupby`` user, sorting each user's behaviours by (time, item string) as the
    reference does;
-4. **samples** (NVTabular workflows, one per split): :class:`BuildSamples` emits the train and test
+5. **samples** (NVTabular workflows, one per split): :class:`BuildSamples` emits the train and test
    samples with negatives, written with ``to_parquet`` together with their ``schema.pbtxt``.
 
 The fitted encode workflow is saved under ``OUTPUT/workflow`` so new logs can be encoded the same
@@ -137,29 +140,46 @@ def _items_table(meta: raw.ReadResult, config: PreprocessConfig) -> pd.DataFrame
     return items.drop(columns=["line"]).rename(columns={"item": ITEM_ID, "category": CATEGORY_ID})
 
 
-def _encode(config: PreprocessConfig, work: Path, items: pd.DataFrame, reviews_dir: Path):
+def _filter_users(config: PreprocessConfig, work: Path, reviews_dir: Path) -> Path:
+    """NVTabular workflow: count behaviours per user (``JoinGroupby``), keep users with at least
+    ``min_user_interactions`` (``Filter``). Runs first so later stages only see kept users."""
+    import nvtabular as nvt
+    from merlin.io import Dataset
+
+    reviews = Dataset(str(reviews_dir), engine="parquet")
+    columns = [USER_ID, ITEM_ID, "time", *config.user_features]
+    counts = [USER_ID] >> nvt.ops.JoinGroupby(cont_cols=[ITEM_ID], stats=["count"])
+    kept = (columns + counts) >> nvt.ops.Filter(
+        f=lambda df, n=config.min_user_interactions: df[f"{USER_ID}_count"] >= n
+    )
+    workflow = nvt.Workflow(kept[columns])
+    workflow.fit(reviews)
+    out = work / "filtered"
+    workflow.transform(reviews).to_parquet(str(out))
+    return out
+
+
+def _encode(config: PreprocessConfig, work: Path, items: pd.DataFrame, filtered_dir: Path):
+    """NVTabular workflow (saved with the output): join item category and features
+    (``JoinExternal``), fill missing categories, ``Categorify`` users, items and features."""
     import nvtabular as nvt
     from merlin.io import Dataset
 
     item_extra = list(config.item_features)
     user_extra = list(config.user_features)
-    reviews = Dataset(str(reviews_dir), engine="parquet")
+    reviews = Dataset(str(filtered_dir), engine="parquet")
     joined = [USER_ID, ITEM_ID, "time", *user_extra] >> nvt.ops.JoinExternal(
         items, on=ITEM_ID, how="left", columns_ext=[ITEM_ID, CATEGORY_ID, *item_extra]
     )
     category = joined[CATEGORY_ID] >> nvt.ops.FillMissing(fill_val=raw.NO_CATEGORY)
-    counts = [USER_ID] >> nvt.ops.JoinGroupby(cont_cols=[ITEM_ID], stats=["count"])
-    kept = (
-        joined[[USER_ID, ITEM_ID, "time", *user_extra, *item_extra]] + category + counts
-    ) >> nvt.ops.Filter(
-        f=lambda df, n=config.min_user_interactions: df[f"{USER_ID}_count"] >= n
-    )
-    asin = kept[ITEM_ID] >> nvt.ops.Rename(f=lambda name: "item_asin")
-    encoded = kept[[USER_ID, ITEM_ID, CATEGORY_ID, *user_extra, *item_extra]] >> nvt.ops.Categorify()
-    workflow = nvt.Workflow(encoded + asin + kept["time"])
+    asin = joined[ITEM_ID] >> nvt.ops.Rename(f=lambda name: "item_asin")
+    encoded = (
+        joined[[USER_ID, ITEM_ID, *user_extra, *item_extra]] + category
+    ) >> nvt.ops.Categorify()
+    workflow = nvt.Workflow(encoded + asin + joined["time"])
     workflow.fit(reviews)
     out = work / "encoded"
-    workflow.transform(reviews).to_parquet(str(out), output_files=None)
+    workflow.transform(reviews).to_parquet(str(out))
     return workflow, out
 
 
@@ -201,14 +221,15 @@ def _run(config: PreprocessConfig, work: Path, stages: _Stages, workers: int) ->
 
     reviews, meta = stages.run("read", _read_raw, config, work, workers)
     items = _items_table(meta, config)
-    workflow, encoded_dir = stages.run("encode", _encode, config, work, items, work / "reviews")
-    encoded = Dataset(str(encoded_dir), engine="parquet")
-    frame = encoded.to_ddf()[[ITEM_ID, CATEGORY_ID, *config.item_features, USER_ID]].compute()
-    if len(frame) == 0:
+    filtered_dir = stages.run("filter users", _filter_users, config, work, work / "reviews")
+    if Dataset(str(filtered_dir), engine="parquet").num_rows == 0:
         raise PreprocessingError(
             f"no user has at least {config.min_user_interactions} behaviours in {config.reviews} "
             f"({reviews.rows} reviews read); lower --min_user_interactions"
         )
+    workflow, encoded_dir = stages.run("encode", _encode, config, work, items, filtered_dir)
+    encoded = Dataset(str(encoded_dir), engine="parquet")
+    frame = encoded.to_ddf()[[ITEM_ID, CATEGORY_ID, *config.item_features, USER_ID]].compute()
     item_names = [ITEM_ID, CATEGORY_ID, *config.item_features]
     user_names = [USER_ID, *config.user_features]
     cardinalities = {

@@ -3,7 +3,6 @@ import importlib.util
 import subprocess
 import sys
 import textwrap
-from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -45,9 +44,9 @@ def test_lock_pins_every_top_level_requirement_exactly(lock):
 
 def test_this_environment_is_exactly_its_lock():
     pins = setup_env.read_lock(ROOT / "requirements" / f"{_lock_for_this_env()}.lock")
-    installed = {
-        setup_env.normalise(d.metadata["Name"]): d.version for d in metadata.distributions()
-    }
+    # pip's view (a fresh process): importlib.metadata inside this one would also list the
+    # packages setuptools vendors once something has imported setuptools.
+    installed = setup_env.installed(Path(sys.executable))
     extra = set(installed) - set(pins) - setup_env.NOT_LOCKED
     assert not extra, f"installed but not locked: {sorted(extra)}"
     for name, line in pins.items():
