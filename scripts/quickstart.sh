@@ -6,7 +6,10 @@ PYTHON=$(command -v python3.11 || command -v python3)
 "$PYTHON" scripts/setup_env.py --lock tf2.21
 export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
 .venv/bin/python -m sim_merlin
-echo "== generating the built-in data set (Amazon 2014 layout) into data/raw"
+echo "== 1/2 generating the built-in data set (Amazon 2014 layout) into data/raw"
 .venv/bin/python -m sim_merlin.datasets.synthetic --out data/raw --overwrite
 .venv/bin/python -m sim_merlin.datasets.statistics \
   --reviews data/raw/reviews_Books.json --meta data/raw/meta_Books.json
+echo "== 2/2 preprocessing with NVTabular into data/processed"
+.venv/bin/python workflows/preprocess.py --reviews data/raw/reviews_Books.json \
+  --meta data/raw/meta_Books.json --output data/processed --overwrite

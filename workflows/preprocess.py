@@ -17,11 +17,22 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
-import sim_merlin  # noqa: F401  (environment set-up before Merlin imports)
-from sim_merlin.preprocessing.pipeline import PreprocessConfig, PreprocessingError, preprocess
-from sim_merlin.preprocessing.raw import RawInputError
+# We announce the CPU/GPU path ourselves; Merlin's own notices about it (and about optional
+# PyTorch/Triton integrations) would only repeat it on every dataset it opens.
+for _notice in ("Initializing an NVTabular Dataset in CPU mode", "Changing an NVTabular Dataset to CPU",
+                "PyTorch dtype mappings", "Triton dtype mappings"):
+    warnings.filterwarnings("ignore", message=_notice)
+
+import sim_merlin  # noqa: E402,F401  (environment set-up before Merlin imports)
+from sim_merlin.preprocessing.pipeline import (  # noqa: E402
+    PreprocessConfig,
+    PreprocessingError,
+    preprocess,
+)
+from sim_merlin.preprocessing.raw import RawInputError  # noqa: E402
 
 
 def _names(text: str) -> tuple[str, ...]:
