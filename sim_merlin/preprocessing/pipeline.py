@@ -170,6 +170,13 @@ def _filter_users(config: PreprocessConfig, work: Path, reviews_dir: Path) -> tu
     return out, len(kept)
 
 
+def _items_without_meta(filtered_dir: Path, items: pd.DataFrame) -> list[str]:
+    import dask.dataframe as dd
+
+    reviewed = dd.read_parquet(str(filtered_dir), columns=[ITEM_ID])[ITEM_ID].unique().compute()
+    return sorted(set(reviewed) - set(items[ITEM_ID]))
+
+
 def _encode(config: PreprocessConfig, work: Path, items: pd.DataFrame, filtered_dir: Path):
     """NVTabular workflow (saved with the output): join item category and features
     (``JoinExternal``), fill missing categories, ``Categorify`` users, items and features."""
@@ -255,6 +262,14 @@ def _run(config: PreprocessConfig, work: Path, stages: _Stages, workers: int) ->
             f"no user has at least {config.min_user_interactions} behaviours in {config.reviews} "
             f"({reviews.rows} reviews read); lower --min_user_interactions"
         )
+    missing_meta = _items_without_meta(filtered_dir, items)
+    if missing_meta:
+        print(
+            f"[preprocess] warning: {len(missing_meta):,} reviewed items have no line in "
+            f"{config.meta} (e.g. {', '.join(map(repr, missing_meta[:3]))}); they get the "
+            f"'{raw.NO_CATEGORY}' category",
+            file=sys.stderr, flush=True,
+        )
     workflow, encoded_dir = stages.run("encode", _encode, config, work, items, filtered_dir)
     encoded = Dataset(str(encoded_dir), engine="parquet")
     frame = encoded.to_ddf()[[ITEM_ID, CATEGORY_ID, *config.item_features, USER_ID]].compute()
@@ -321,6 +336,7 @@ def _run(config: PreprocessConfig, work: Path, stages: _Stages, workers: int) ->
         "reviews_read": reviews.rows,
         "bad_review_lines_skipped": reviews.skipped,
         "meta_items": meta.rows,
+        "reviewed_items_without_meta": len(missing_meta),
         "bad_meta_lines_skipped": meta.skipped,
         "skipped_line_examples": reviews.examples + meta.examples,
         "users": n_users,

@@ -20,6 +20,8 @@ MIN_USER = 20
 
 
 def _config(raw, out, **kwargs):
+    # Small partitions: users are spread over several, so splitting one would show.
+    kwargs.setdefault("users_per_partition", 40)
     return PreprocessConfig(reviews=raw / "reviews_Books.json", meta=raw / "meta_Books.json",
                             output=out, max_sequence_length=HISTORY, seed=5, **kwargs)
 
@@ -222,3 +224,31 @@ def test_command_line_accepts_the_reference_flags(raw, tmp_path):
     assert summary["config"]["min_user_interactions"] == 40
     assert summary["test_rows"] == 2 * summary["users"]
     assert "CPU path" in result.stderr
+
+
+def test_several_partitions_are_written_and_each_user_lives_in_one(output):
+    out, _ = output
+    parts = sorted((out / "train").glob("*.parquet"))
+    assert len(parts) >= 4
+    owners = {}
+    for index, part in enumerate(parts):
+        for user in pd.read_parquet(part, columns=["user_id"])["user_id"].unique():
+            assert owners.setdefault(user, index) == index
+
+
+@pytest.mark.parametrize("users_per_partition", [1, 1000])
+def test_splits_of_any_size(tmp_path, users_per_partition):
+    """Users with three behaviours (one train sample each); with one partition per user the hash
+    shuffle leaves some partitions empty."""
+    reviews, meta = tmp_path / "r.json", tmp_path / "m.json"
+    reviews.write_text("".join(
+        json.dumps({"reviewerID": f"U{u}", "asin": f"I{k}", "unixReviewTime": k}) + "\n"
+        for u in range(5) for k in range(3)))
+    meta.write_text("".join(repr({"asin": f"I{k}"}) + "\n" for k in range(3)))
+    summary = preprocess(PreprocessConfig(reviews=reviews, meta=meta, output=tmp_path / "o",
+                                          min_user_interactions=3,
+                                          users_per_partition=users_per_partition))
+    assert (summary["train_rows"], summary["test_rows"]) == (10, 10)
+    train = _read(tmp_path / "o", "train")
+    assert sorted(train["label"]) == [0] * 5 + [1] * 5
+    assert {tuple(h[-2:]) for h in train["item_id_history"]} == {(0, 3)}
