@@ -1,0 +1,1 @@
+"""SIM, DIN and DIEN building blocks as Merlin Models blocks."""

@@ -1,0 +1,106 @@
+"""Target attention: a candidate item attends over a user's behaviour sequence (DIN).
+
+Example::
+
+    >>> import sim_merlin.tf_compat  # noqa: F401
+    >>> import tensorflow as tf
+    >>> from sim_merlin.blocks.attention import TargetAttention
+    >>> attention = TargetAttention(scoring="dot", normalize=True)
+    >>> query = tf.ones([2, 4])                      # [batch, dim]
+    >>> keys = tf.ones([2, 3, 4])                    # [batch, length, dim]
+    >>> mask = tf.constant([[1, 1, 0], [0, 0, 0]])   # [batch, length]; 0 = padding
+    >>> pooled, weights = attention(query, keys, mask, return_weights=True)
+    >>> weights.numpy().round(2).tolist()
+    [[0.5, 0.5, 0.0], [0.0, 0.0, 0.0]]
+"""
+from __future__ import annotations
+
+import sim_merlin.tf_compat  # noqa: F401  (before TensorFlow / Merlin Models)
+import merlin.models.tf as mm
+import tensorflow as tf
+
+from sim_merlin.blocks.sequence import dense_sequence
+
+SCORINGS = ("dot", "din")
+
+
+@tf.keras.utils.register_keras_serializable(package="sim_merlin")
+class TargetAttention(mm.Block):
+    """Masked attention of a target (query) over a sequence of behaviours (keys).
+
+    ``scoring="dot"`` is the parameter-free dot product ``<e_t, q>`` the reference uses;
+    ``scoring="din"`` is DIN's activation unit, an MLP over ``[e_t, q, e_t - q, e_t * q]``
+    (``hidden_units``, ``activation``; the reference's unused unit is 80-40 with sigmoid).
+    ``normalize=True`` applies a softmax over the valid positions (the reference);
+    ``normalize=False`` uses the raw scores as weights, as the DIN paper does.
+
+    Inputs: ``query`` [batch, dim], ``keys`` [batch, length, dim] (dense, or ragged: padding is
+    then implied), ``mask`` [batch, length] (non-zero = a real behaviour; optional for ragged keys).
+    Output: the weighted sum of the keys, [batch, dim]; with ``return_weights=True`` also the
+    weights [batch, length], exactly 0 on padding. A row with no valid behaviour gives zeros.
+    """
+
+    def __init__(
+        self,
+        scoring: str = "dot",
+        normalize: bool = True,
+        hidden_units: tuple[int, ...] = (80, 40),
+        activation: str = "sigmoid",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if scoring not in SCORINGS:
+            raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
+        self.scoring = scoring
+        self.normalize = bool(normalize)
+        self.hidden_units = tuple(int(u) for u in hidden_units)
+        self.activation = activation
+        self.score_mlp = None
+        if scoring == "din":
+            self.score_mlp = tf.keras.Sequential(
+                [tf.keras.layers.Dense(u, activation=activation) for u in self.hidden_units]
+                + [tf.keras.layers.Dense(1)],
+                name="activation_unit",
+            )
+
+    def scores(self, query: tf.Tensor, keys: tf.Tensor) -> tf.Tensor:
+        """Unmasked attention scores [batch, length]."""
+        if self.scoring == "dot":
+            return tf.reduce_sum(keys * tf.expand_dims(query, 1), axis=-1)
+        tiled = tf.broadcast_to(tf.expand_dims(query, 1), tf.shape(keys))
+        features = tf.concat([keys, tiled, keys - tiled, keys * tiled], axis=-1)
+        return tf.squeeze(self.score_mlp(features), axis=-1)
+
+    def call(self, query, keys=None, mask=None, return_weights=False, training=False):
+        if isinstance(query, (list, tuple)):
+            query, keys, *rest = query
+            mask = rest[0] if rest else mask
+        keys, mask = dense_sequence(keys, mask)
+        mask = tf.cast(mask, tf.bool)
+        scores = self.scores(query, keys)
+        if self.normalize:
+            # Padding gets the dtype's lowest score, so its softmax weight underflows to 0; the
+            # explicit zeroing below also covers rows with no valid behaviour at all.
+            masked = tf.where(mask, scores, tf.constant(scores.dtype.min, scores.dtype))
+            weights = tf.nn.softmax(masked, axis=-1)
+            weights = tf.where(mask, weights, tf.zeros_like(weights))
+        else:
+            weights = tf.where(mask, scores, tf.zeros_like(scores))
+        pooled = tf.reduce_sum(tf.expand_dims(weights, -1) * keys, axis=1)
+        if return_weights:
+            return pooled, weights
+        return pooled
+
+    def compute_output_shape(self, input_shape):
+        query_shape = input_shape[0] if isinstance(input_shape, (list, tuple)) else input_shape
+        return tf.TensorShape(query_shape)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            scoring=self.scoring,
+            normalize=self.normalize,
+            hidden_units=list(self.hidden_units),
+            activation=self.activation,
+        )
+        return config
