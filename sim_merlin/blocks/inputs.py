@@ -1,0 +1,201 @@
+"""Schema-driven inputs: embed user, target item, histories; split long and short; derive masks.
+
+:class:`BehaviourEmbeddings` reads the roles of :mod:`sim_merlin.schema` from a Merlin schema, so
+it needs no column names. Item features are embedded with one table per feature, shared by the
+target, the history and the negative history (the schema's domain names say so); each user
+feature has its own table. Tables have ``domain.max + 1`` rows initialised uniformly in
+``+-sqrt(1 / rows)`` as in the reference; padding (id 0) is zeroed by the mask.
+
+The history (length ``L``, left-padded, newest last) is split into the **long** part, the oldest
+``L - short_length`` slots, and the **short** part, the newest ``short_length``.
+
+Example::
+
+    >>> import sim_merlin.tf_compat  # noqa: F401
+    >>> import tensorflow as tf
+    >>> from sim_merlin.schema import sample_schema
+    >>> schema = sample_schema({"item_id": 50, "category_id": 6}, {"user_id": 9}, history_length=5)
+    >>> inputs = BehaviourEmbeddings(schema, embedding_dim=4, short_length=2)
+    >>> batch = {"user_id": tf.constant([1, 2]), "item_id": tf.constant([7, 8]),
+    ...          "category_id": tf.constant([3, 4]),
+    ...          "item_id_history": tf.constant([[0, 0, 5, 6, 7], [1, 2, 3, 4, 5]]),
+    ...          "category_id_history": tf.constant([[0, 0, 3, 3, 4], [3, 3, 3, 3, 3]]),
+    ...          "item_id_neg_history": tf.constant([[0, 0, 9, 9, 9], [9, 9, 9, 9, 9]]),
+    ...          "category_id_neg_history": tf.constant([[0, 0, 5, 5, 5], [5, 5, 5, 5, 5]])}
+    >>> out = inputs(batch)
+    >>> out["long"].shape.as_list(), out["short"].shape.as_list(), out["target"].shape.as_list()
+    ([2, 3, 8], [2, 2, 8], [2, 8])
+"""
+from __future__ import annotations
+
+import math
+
+import sim_merlin.tf_compat  # noqa: F401
+import merlin.models.tf as mm
+import tensorflow as tf
+from merlin.models.utils.schema_utils import (
+    schema_to_tensorflow_metadata_json,
+    tensorflow_metadata_json_to_schema,
+)
+from merlin.schema import Schema, Tags
+
+from sim_merlin import schema as conventions
+from sim_merlin.blocks.sequence import left_pad
+
+
+class SchemaMismatchError(ValueError):
+    """The schema's tags do not describe what the model needs."""
+
+
+def _feature(column) -> str:
+    sim = column.properties.get("sim") or {}
+    if "feature" in sim:
+        return sim["feature"]
+    for suffix in (conventions.NEGATIVE_HISTORY_SUFFIX, conventions.HISTORY_SUFFIX):
+        if column.name.endswith(suffix):
+            return column.name[: -len(suffix)]
+    return column.name
+
+
+def _domain(column) -> tuple[str, int]:
+    domain = column.int_domain
+    if domain is None or domain.max is None:
+        raise SchemaMismatchError(f"column {column.name!r} has no int_domain.max (cardinality)")
+    return domain.name or _feature(column), int(domain.max) + 1
+
+
+def _history_length(column) -> int:
+    value_count = column.properties.get("value_count") or {}
+    if value_count.get("max") is None or value_count.get("min") != value_count.get("max"):
+        raise SchemaMismatchError(
+            f"history column {column.name!r} must have a fixed length (value_count min = max)"
+        )
+    return int(value_count["max"])
+
+
+class SequenceLayout:
+    """Which columns play which role, checked for consistency. Built from a schema."""
+
+    def __init__(self, schema: Schema, search_feature: str | None = None):
+        self.user = schema.select_by_tag(Tags.USER).column_names
+        self.target = schema.select_by_tag(conventions.TARGET_ITEM).column_names
+        self.history = schema.select_by_tag(conventions.HISTORY).column_names
+        self.negative = schema.select_by_tag(conventions.NEGATIVE_HISTORY).column_names
+        for role, names in (("user", self.user), ("target_item", self.target),
+                            ("history", self.history)):
+            if not names:
+                raise SchemaMismatchError(f"the schema has no column tagged {role!r}")
+        features = [_feature(schema[n]) for n in self.target]
+        for role, names in (("history", self.history), ("negative_history", self.negative)):
+            got = [_feature(schema[n]) for n in names]
+            if names and got != features:
+                raise SchemaMismatchError(
+                    f"{role} features {got} do not pair with the target item features {features}"
+                )
+        lengths = {n: _history_length(schema[n]) for n in self.history + self.negative}
+        if len(set(lengths.values())) > 1:
+            raise SchemaMismatchError(f"history columns have different lengths: {lengths}")
+        self.features = features
+        self.history_length = next(iter(lengths.values()))
+        self.column_domain: dict[str, str] = {}
+        self.domain_rows: dict[str, int] = {}
+        for names in (self.user, self.target, self.history, self.negative):
+            for name in names:
+                domain, rows = _domain(schema[name])
+                self.column_domain[name] = domain
+                self.domain_rows[domain] = max(self.domain_rows.get(domain, 0), rows)
+        if search_feature is None:
+            search_feature = conventions.CATEGORY_ID if conventions.CATEGORY_ID in features else (
+                features[1] if len(features) > 1 else features[0])
+        if search_feature not in features:
+            raise SchemaMismatchError(
+                f"hard-search feature {search_feature!r} is not an item feature ({features})"
+            )
+        self.search_feature = search_feature
+
+
+
+@tf.keras.utils.register_keras_serializable(package="sim_merlin")
+class BehaviourEmbeddings(mm.Block):
+    """Inputs dict -> dict of embedded, split, masked tensors (see the module docstring).
+
+    Output keys: ``user`` [B, F_u*E]; ``target`` [B, F_i*E]; ``long`` [B, L-S, F_i*E] and
+    ``long_mask``; ``short`` [B, S, F_i*E] and ``short_mask``; ``short_negative``
+    [B, S, F_i*E] (when the schema has a negative history); ``target_search_key`` [B] and
+    ``long_search_keys`` [B, L-S] (ids of the hard-search feature).
+    """
+
+    def __init__(self, schema: Schema, embedding_dim: int = 16, short_length: int = 10,
+                 search_feature: str | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self._schema_for_config = schema
+        self.layout = SequenceLayout(schema, search_feature)
+        self.embedding_dim = int(embedding_dim)
+        self.short_length = int(short_length)
+        self.search_feature = self.layout.search_feature
+        if not 0 < self.short_length < self.layout.history_length:
+            raise SchemaMismatchError(
+                f"short_length must be in 1 .. {self.layout.history_length - 1} for histories of "
+                f"length {self.layout.history_length}, got {short_length}"
+            )
+        self.tables = {}
+        for domain, rows in sorted(self.layout.domain_rows.items()):
+            bound = math.sqrt(1.0 / rows)
+            self.tables[domain] = tf.keras.layers.Embedding(
+                rows, self.embedding_dim, name=f"{domain}_embeddings",
+                embeddings_initializer=tf.keras.initializers.RandomUniform(-bound, bound),
+            )
+
+    @property
+    def long_length(self) -> int:
+        return self.layout.history_length - self.short_length
+
+    def _ids(self, inputs, name, sequence=False):
+        value = inputs[name]
+        if isinstance(value, tf.RaggedTensor):
+            value, _ = left_pad(value, self.layout.history_length)
+        value = tf.cast(value, tf.int64)
+        if not sequence and value.shape.rank == 2:
+            value = tf.squeeze(value, axis=1)
+        return value
+
+    def _embed(self, inputs, names, sequence=False):
+        parts = [self.tables[self.layout.column_domain[n]](self._ids(inputs, n, sequence)) for n in names]
+        return tf.concat(parts, axis=-1)
+
+    def call(self, inputs, training=False):
+        layout = self.layout
+        out = {
+            "user": self._embed(inputs, layout.user),
+            "target": self._embed(inputs, layout.target),
+        }
+        mask = self._ids(inputs, layout.history[0], sequence=True) > 0
+        history = self._embed(inputs, layout.history, sequence=True)
+        history = history * tf.cast(tf.expand_dims(mask, -1), history.dtype)
+        split = self.long_length
+        out["long"], out["short"] = history[:, :split], history[:, split:]
+        out["long_mask"], out["short_mask"] = mask[:, :split], mask[:, split:]
+        if layout.negative:
+            negative = self._embed(inputs, layout.negative, sequence=True)[:, split:]
+            out["short_negative"] = negative * tf.cast(tf.expand_dims(mask[:, split:], -1),
+                                                       negative.dtype)
+        index = layout.features.index(self.search_feature)
+        out["target_search_key"] = self._ids(inputs, layout.target[index])
+        out["long_search_keys"] = self._ids(inputs, layout.history[index], sequence=True)[:, :split]
+        return out
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            schema=schema_to_tensorflow_metadata_json(self._schema_for_config),
+            embedding_dim=self.embedding_dim,
+            short_length=self.short_length,
+            search_feature=self.search_feature,
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["schema"] = tensorflow_metadata_json_to_schema(config["schema"])
+        return cls(**config)
