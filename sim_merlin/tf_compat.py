@@ -10,14 +10,15 @@ TensorFlow/Keras releases moved:
   imported; Keras 2 then lives in the ``tf_keras`` package, and ``keras`` must resolve to it for
   Merlin Models and Horovod.
 
-Importing this module installs a small import hook that redirects the old module paths to the new
-ones (the real module objects, never copies), so every class exists exactly once. On TensorFlow
-2.12 it changes nothing. ``sim_merlin`` imports it before ``merlin.models.tf``; code of your own
-that imports ``merlin.models.tf`` directly should ``import sim_merlin.tf_compat`` first.
+Importing this module (``import sim_merlin`` does) installs a small import hook that redirects the
+old module paths to the new ones (the real module objects, never copies), so every class exists
+exactly once, and prepares TensorFlow when ``merlin.models.tf`` is first imported. It does not
+import TensorFlow itself. On TensorFlow 2.12 it changes nothing. In your own code,
+``import sim_merlin`` before ``tensorflow`` and ``merlin.models.tf``.
 
 Example::
 
-    import sim_merlin.tf_compat  # noqa: F401  (must come before merlin.models.tf)
+    import sim_merlin  # noqa: F401  (before tensorflow and merlin.models.tf)
     import merlin.models.tf as mm
 """
 from __future__ import annotations
@@ -30,6 +31,8 @@ import os
 import sys
 
 from sim_merlin.environment import tensorflow_version
+
+MERLIN_MODELS_TF = "merlin.models.tf"
 
 #: Old module path -> new module path, for TensorFlow internals Merlin Models imports.
 _TF_MODULE_MOVES = {
@@ -98,12 +101,16 @@ class _AliasLoader(importlib.abc.Loader):
 
 
 class _MovedModuleFinder(importlib.abc.MetaPathFinder):
-    """Redirects module paths that moved between TensorFlow releases."""
+    """Redirects module paths that moved between TensorFlow releases, and prepares TensorFlow
+    right before ``merlin.models.tf`` is imported."""
 
     def __init__(self, tf_version: tuple[int, int]):
         self.tf_version = tf_version
 
     def find_spec(self, fullname, path=None, target=None):
+        if fullname == MERLIN_MODELS_TF:
+            _prepare_tensorflow(self.tf_version)
+            return None  # the normal import goes on
         destination = None
         if fullname == "keras" or fullname.startswith("keras."):
             destination = _keras_target(fullname, self.tf_version)
@@ -115,6 +122,13 @@ class _MovedModuleFinder(importlib.abc.MetaPathFinder):
 
 
 def _select_legacy_keras(tf_version: tuple[int, int]) -> None:
+    """Ask for Keras 2 before TensorFlow loads (it reads the variable at import)."""
+    if tf_version >= (2, 16) and "tensorflow" not in sys.modules:
+        os.environ["TF_USE_LEGACY_KERAS"] = "1"
+
+
+def _check_keras(tf_version: tuple[int, int]) -> None:
+    """Fail clearly if TensorFlow was already loaded with Keras 3 (Merlin Models needs Keras 2)."""
     if tf_version < (2, 16):
         return
     if "tensorflow" in sys.modules and not getattr(
@@ -125,7 +139,6 @@ def _select_legacy_keras(tf_version: tuple[int, int]) -> None:
             "needs Keras 2 (the tf_keras package). Set TF_USE_LEGACY_KERAS=1 in the environment, "
             "or import sim_merlin before tensorflow."
         )
-    os.environ["TF_USE_LEGACY_KERAS"] = "1"
     keras = sys.modules.get("keras")
     if keras is not None and not keras.__name__.startswith("tf_keras"):
         raise TensorFlowTooNewError(
@@ -135,7 +148,9 @@ def _select_legacy_keras(tf_version: tuple[int, int]) -> None:
         )
 
 
-def _patch_attributes(tf_version: tuple[int, int]) -> None:
+def _prepare_tensorflow(tf_version: tuple[int, int]) -> None:
+    """What Merlin Models needs of TensorFlow itself: Keras 2, and attributes that moved."""
+    _check_keras(tf_version)
     if tf_version < (2, 14):
         return
     import tensorflow as tf
@@ -146,7 +161,8 @@ def _patch_attributes(tf_version: tuple[int, int]) -> None:
 
 
 def install() -> tuple[int, int] | None:
-    """Install the import redirections for the installed TensorFlow (idempotent).
+    """Install the import redirections for the installed TensorFlow (idempotent, cheap: it does
+    not import TensorFlow; TensorFlow is prepared when ``merlin.models.tf`` is first imported).
 
     Returns the (major, minor) TensorFlow version, or ``None`` when TensorFlow is not installed.
     """
@@ -156,7 +172,8 @@ def install() -> tuple[int, int] | None:
     _select_legacy_keras(version)
     if not any(isinstance(f, _MovedModuleFinder) for f in sys.meta_path):
         sys.meta_path.insert(0, _MovedModuleFinder(version))
-    _patch_attributes(version)
+    if MERLIN_MODELS_TF in sys.modules:
+        _prepare_tensorflow(version)
     return version
 
 

@@ -33,14 +33,11 @@ import math
 import sim_merlin.tf_compat  # noqa: F401
 import merlin.models.tf as mm
 import tensorflow as tf
-from merlin.models.utils.schema_utils import (
-    schema_to_tensorflow_metadata_json,
-    tensorflow_metadata_json_to_schema,
-)
 from merlin.schema import Schema, Tags
 
 from sim_merlin import schema as conventions
 from sim_merlin.blocks.sequence import left_pad
+from sim_merlin.blocks.serialization import SchemaConfigMixin
 
 
 class SchemaMismatchError(ValueError):
@@ -116,11 +113,12 @@ class SequenceLayout:
 
 
 @tf.keras.utils.register_keras_serializable(package="sim_merlin")
-class BehaviourEmbeddings(mm.Block):
+class BehaviourEmbeddings(SchemaConfigMixin, mm.Block):
     """Inputs dict -> dict of embedded, split, masked tensors (see the module docstring).
 
     Output keys: ``user`` [B, F_u*E]; ``target`` [B, F_i*E]; ``long`` [B, L-S, F_i*E] and
-    ``long_mask``; ``short`` [B, S, F_i*E] and ``short_mask``; ``short_negative``
+    ``long_mask``; ``short`` [B, S, F_i*E] and ``short_mask``; the whole ``history``
+    [B, L, F_i*E] and ``history_mask``; ``negative`` [B, L, F_i*E] and ``short_negative``
     [B, S, F_i*E] (when the schema has a negative history); ``target_search_key`` [B] and
     ``long_search_keys`` [B, L-S] (ids of the hard-search feature).
     """
@@ -128,7 +126,7 @@ class BehaviourEmbeddings(mm.Block):
     def __init__(self, schema: Schema, embedding_dim: int = 16, short_length: int = 10,
                  search_feature: str | None = None, **kwargs):
         super().__init__(**kwargs)
-        self._schema_for_config = schema
+        self._schema = schema
         self.layout = SequenceLayout(schema, search_feature)
         self.embedding_dim = int(embedding_dim)
         self.short_length = int(short_length)
@@ -175,10 +173,11 @@ class BehaviourEmbeddings(mm.Block):
         split = self.long_length
         out["long"], out["short"] = history[:, :split], history[:, split:]
         out["long_mask"], out["short_mask"] = mask[:, :split], mask[:, split:]
+        out["history"], out["history_mask"] = history, mask
         if layout.negative:
-            negative = self._embed(inputs, layout.negative, sequence=True)[:, split:]
-            out["short_negative"] = negative * tf.cast(tf.expand_dims(mask[:, split:], -1),
-                                                       negative.dtype)
+            negative = self._embed(inputs, layout.negative, sequence=True)
+            negative = negative * tf.cast(tf.expand_dims(mask, -1), negative.dtype)
+            out["negative"], out["short_negative"] = negative, negative[:, split:]
         index = layout.features.index(self.search_feature)
         out["target_search_key"] = self._ids(inputs, layout.target[index])
         out["long_search_keys"] = self._ids(inputs, layout.history[index], sequence=True)[:, :split]
@@ -187,15 +186,8 @@ class BehaviourEmbeddings(mm.Block):
     def get_config(self):
         config = super().get_config()
         config.update(
-            schema=schema_to_tensorflow_metadata_json(self._schema_for_config),
             embedding_dim=self.embedding_dim,
             short_length=self.short_length,
             search_feature=self.search_feature,
         )
-        return config
-
-    @classmethod
-    def from_config(cls, config):
-        config = dict(config)
-        config["schema"] = tensorflow_metadata_json_to_schema(config["schema"])
-        return cls(**config)
+        return self._config_with_schema(config)

@@ -150,16 +150,23 @@ class AuxiliaryLoss(mm.Block):
         self.hidden_units = tuple(int(u) for u in hidden_units)
         self.dropout_rate = float(dropout_rate)
         self.reference_compatible = bool(reference_compatible)
-        layers = [tf.keras.layers.Dense(u, activation="sigmoid") for u in self.hidden_units]
-        if self.dropout_rate > 0:
-            layers.append(tf.keras.layers.Dropout(self.dropout_rate))
-        layers.append(tf.keras.layers.Dense(1, dtype="float32"))
-        self.scorer = tf.keras.Sequential(layers, name="auxiliary_mlp")
+        # A plain list, not a Sequential: a model used only for inference never calls this MLP,
+        # and unbuilt layers must then simply have no weights.
+        self.scorer_layers = [
+            tf.keras.layers.Dense(u, activation="sigmoid", name=f"auxiliary_{i}")
+            for i, u in enumerate(self.hidden_units)
+        ]
+        self.dropout = tf.keras.layers.Dropout(self.dropout_rate) if self.dropout_rate > 0 else None
+        self.scorer_layers.append(tf.keras.layers.Dense(1, dtype="float32", name="auxiliary_logit"))
 
     def logits(self, states, behaviours, training=False):
         """[batch, length - 1] scores of (state_t, behaviour_{t+1})."""
-        pairs = tf.concat([states[:, :-1], tf.cast(behaviours[:, 1:], states.dtype)], axis=-1)
-        return tf.squeeze(self.scorer(pairs, training=training), axis=-1)
+        x = tf.concat([states[:, :-1], tf.cast(behaviours[:, 1:], states.dtype)], axis=-1)
+        for layer in self.scorer_layers[:-1]:
+            x = layer(x)
+        if self.dropout is not None:
+            x = self.dropout(x, training=training)
+        return tf.squeeze(self.scorer_layers[-1](x), axis=-1)
 
     def call(self, states, positive=None, negative=None, mask=None, training=False):
         if isinstance(states, (list, tuple)):

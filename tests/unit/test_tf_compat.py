@@ -65,7 +65,7 @@ def test_moved_modules_are_the_real_modules_not_copies():
 
 @pytest.mark.skipif(TF < (2, 16), reason="Keras 3 is tf.keras only from TF 2.16")
 def test_tensorflow_imported_first_with_keras_3_gets_a_clear_error():
-    code = "import tensorflow\nimport sim_merlin.tf_compat\n"
+    code = "import tensorflow\nimport sim_merlin\nimport merlin.models.tf\n"
     env = {"PATH": "/usr/bin:/bin", "TF_CPP_MIN_LOG_LEVEL": "3"}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert result.returncode != 0

@@ -86,7 +86,7 @@ def test_auxiliary_loss_on_a_hand_built_batch():
     mask = np.array([[0, 1, 1, 1], [1, 1, 1, 1]], np.float32)
     loss_layer = AuxiliaryLoss(hidden_units=(5,))
     loss = float(loss_layer(states, positive, negative, mask))
-    (w1, b1), (w2, b2) = [(d.kernel.numpy(), d.bias.numpy()) for d in loss_layer.scorer.layers]
+    (w1, b1), (w2, b2) = [(d.kernel.numpy(), d.bias.numpy()) for d in loss_layer.scorer_layers]
     score = lambda s, e: (sigmoid(np.concatenate([s, e], -1) @ w1 + b1) @ w2 + b2)[..., 0]
     terms = []
     for b in range(2):

@@ -1,0 +1,144 @@
+"""SIM: the Search-based Interest Model as a Merlin Models block and model.
+
+Stage one (the General Search Unit's model): the target attends (dot product, softmax) over the
+long history; ``LogitMLP(stage_one_mlp_dims)`` scores ``[target | pooled | user]``. The GSU then
+selects ``top_k`` long-history behaviours (soft or hard search). Stage two: the Exact Search Unit
+attends over the selection (``[attention | mean]``), DIEN's interest extractor and evolution run
+over the short history, and ``LogitMLP(stage_two_mlp_dims)`` scores
+``[esu | target | interest | user]``. The loss is ``0.5 * (BCE1 + BCE2) + auxiliary``; the
+prediction is stage two.
+
+``reference_compatible=True`` reproduces NVIDIA's reference where we deliberately differ: soft
+search only, a single dot-product ESU, a mean divided by ``count + 1``, recurrent layers run over
+padding, and the reference's auxiliary loss normalisation.
+
+Example::
+
+    >>> import sim_merlin.tf_compat  # noqa: F401
+    >>> from sim_merlin.schema import sample_schema
+    >>> schema = sample_schema({"item_id": 100, "category_id": 9}, {"user_id": 20}, 20)
+    >>> model = SIMModel(schema, embedding_dim=4, short_length=5, top_k=6)
+    >>> type(model).__name__
+    'Model'
+"""
+from __future__ import annotations
+
+import sim_merlin.tf_compat  # noqa: F401
+import merlin.models.tf as mm
+import tensorflow as tf
+from merlin.schema import Schema, Tags
+
+from sim_merlin.blocks.attention import TargetAttention
+from sim_merlin.blocks.exact_search import ExactSearchUnit
+from sim_merlin.blocks.inputs import BehaviourEmbeddings
+from sim_merlin.blocks.interest import AuxiliaryLoss, InterestEvolution, InterestExtractor
+from sim_merlin.blocks.mlp import LogitMLP
+from sim_merlin.blocks.search import GeneralSearchUnit
+from sim_merlin.blocks.serialization import SchemaConfigMixin
+from sim_merlin.models.losses import ScaledBinaryCrossentropy, labels_from, logit_cross_entropy
+
+
+@tf.keras.utils.register_keras_serializable(package="sim_merlin")
+class SIMBlock(SchemaConfigMixin, mm.Block):
+    """Features dict -> stage-two logit [batch, 1]; adds the stage-one and auxiliary losses."""
+
+    def __init__(
+        self,
+        schema: Schema,
+        embedding_dim: int = 16,
+        short_length: int = 10,
+        top_k: int = 50,
+        search_mode: str = "soft",
+        search_feature: str | None = None,
+        esu_attention: str = "multihead",
+        esu_heads: int = 4,
+        stage_one_mlp_dims=(200,),
+        stage_two_mlp_dims=(200, 80),
+        aux_mlp_dims=(100, 50),
+        gru_units: int | None = None,
+        dropout_rate: float = 0.0,
+        reference_compatible: bool = False,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self._schema = schema
+        self.embedding_dim = int(embedding_dim)
+        self.short_length = int(short_length)
+        self.top_k = int(top_k)
+        self.search_mode = "soft" if reference_compatible else search_mode
+        self.search_feature = search_feature
+        self.esu_attention = "dot" if reference_compatible else esu_attention
+        self.esu_heads = int(esu_heads)
+        self.stage_one_mlp_dims = tuple(int(d) for d in stage_one_mlp_dims)
+        self.stage_two_mlp_dims = tuple(int(d) for d in stage_two_mlp_dims)
+        self.aux_mlp_dims = tuple(int(d) for d in aux_mlp_dims)
+        self.gru_units = int(gru_units or 6 * self.embedding_dim)
+        self.dropout_rate = float(dropout_rate)
+        self.reference_compatible = bool(reference_compatible)
+
+        self.embeddings = BehaviourEmbeddings(schema, self.embedding_dim, self.short_length,
+                                              search_feature)
+        self.long_attention = TargetAttention("dot", normalize=True)
+        self.stage_one = LogitMLP(self.stage_one_mlp_dims, self.dropout_rate, name="stage_one")
+        self.search = GeneralSearchUnit(self.search_mode, self.top_k)
+        self.exact_search = ExactSearchUnit(
+            self.esu_attention, heads=self.esu_heads,
+            mean_denominator="count_plus_one" if reference_compatible else "count",
+        )
+        use_mask = not reference_compatible
+        self.extractor = InterestExtractor(self.gru_units, use_mask=use_mask)
+        self.evolution = InterestEvolution(self.gru_units, use_mask=use_mask)
+        self.stage_two = LogitMLP(self.stage_two_mlp_dims, self.dropout_rate, name="stage_two")
+        self.auxiliary = AuxiliaryLoss(self.aux_mlp_dims, self.dropout_rate,
+                                       reference_compatible=reference_compatible)
+
+    def call(self, inputs, targets=None, training=False, testing=False):
+        e = self.embeddings(inputs)
+        user, target = e["user"], e["target"]
+        pooled = self.long_attention(target, e["long"], e["long_mask"])
+        stage_one = self.stage_one(tf.concat([target, pooled, user], axis=-1), training=training)
+        selected, selected_mask = self.search(
+            target, e["long"], e["long_mask"],
+            target_category=e["target_search_key"], history_categories=e["long_search_keys"],
+        )
+        exact = self.exact_search(target, selected, selected_mask)
+        states = self.extractor(e["short"], e["short_mask"], training=training)
+        interest = self.evolution(target, states, e["short_mask"], training=training)
+        stage_two = self.stage_two(tf.concat([exact, target, interest, user], axis=-1),
+                                   training=training)
+        labels = labels_from(targets)
+        if labels is not None and (training or testing):
+            self.add_loss(0.5 * logit_cross_entropy(labels, stage_one))
+            self.add_loss(self.auxiliary(states, e["short"], e["short_negative"], e["short_mask"],
+                                         training=training))
+        return stage_two
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            embedding_dim=self.embedding_dim, short_length=self.short_length, top_k=self.top_k,
+            search_mode=self.search_mode, search_feature=self.search_feature,
+            esu_attention=self.esu_attention, esu_heads=self.esu_heads,
+            stage_one_mlp_dims=list(self.stage_one_mlp_dims),
+            stage_two_mlp_dims=list(self.stage_two_mlp_dims),
+            aux_mlp_dims=list(self.aux_mlp_dims), gru_units=self.gru_units,
+            dropout_rate=self.dropout_rate, reference_compatible=self.reference_compatible,
+        )
+        return self._config_with_schema(config)
+
+
+def binary_output(schema: Schema, scale: float = 1.0) -> mm.BinaryOutput:
+    """Merlin output for our logit: sigmoid, and ``scale`` x binary cross-entropy."""
+    label = schema.select_by_tag(Tags.TARGET).column_names
+    if len(label) != 1:
+        raise ValueError(f"the schema needs exactly one column tagged 'target', got {label}")
+    return mm.BinaryOutput(
+        label[0],
+        to_call=tf.keras.layers.Activation("sigmoid", dtype="float32", name="probability"),
+        default_loss=ScaledBinaryCrossentropy(scale),
+    )
+
+
+def SIMModel(schema: Schema, **kwargs) -> mm.Model:
+    """A Merlin ``Model`` of SIM over ``schema`` (see :class:`SIMBlock` for the options)."""
+    return mm.Model(SIMBlock(schema, **kwargs), binary_output(schema, scale=0.5))
