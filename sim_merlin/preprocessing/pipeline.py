@@ -39,6 +39,9 @@ from sim_merlin.preprocessing import raw
 from sim_merlin.schema import CATEGORY_ID, ITEM_ID, USER_ID
 
 
+_ROWS_PER_ENCODE_PARTITION = 2_000_000
+
+
 class PreprocessingError(RuntimeError):
     """The data cannot be turned into samples (the message says why and what to change)."""
 
@@ -159,22 +162,24 @@ def _filter_users(config: PreprocessConfig, work: Path, reviews_dir: Path) -> tu
     counts = dd.read_parquet(str(reviews_dir), columns=[USER_ID])[USER_ID].value_counts(
         split_every=8
     ).compute()
-    kept = frozenset(counts.index[counts.to_numpy() >= config.min_user_interactions])
+    keep = counts.to_numpy() >= config.min_user_interactions
+    kept = frozenset(counts.index[keep])
     columns = [USER_ID, ITEM_ID, "time", *config.user_features]
     selected = columns >> nvt.ops.Filter(f=lambda df, users=kept: df[USER_ID].isin(users))
     reviews = Dataset(str(reviews_dir), engine="parquet")
     workflow = nvt.Workflow(selected)
     workflow.fit_schema(reviews.schema)
     out = work / "filtered"
-    workflow.transform(reviews).to_parquet(str(out))
+    # Few large partitions: the encode stage joins every partition with the whole item table.
+    files = max(1, -(-int(counts.to_numpy()[keep].sum()) // _ROWS_PER_ENCODE_PARTITION))
+    workflow.transform(reviews).to_parquet(str(out), output_files=files)
     return out, len(kept)
 
 
-def _items_without_meta(filtered_dir: Path, items: pd.DataFrame) -> list[str]:
+def _reviewed_items(filtered_dir: Path) -> set[str]:
     import dask.dataframe as dd
 
-    reviewed = dd.read_parquet(str(filtered_dir), columns=[ITEM_ID])[ITEM_ID].unique().compute()
-    return sorted(set(reviewed) - set(items[ITEM_ID]))
+    return set(dd.read_parquet(str(filtered_dir), columns=[ITEM_ID])[ITEM_ID].unique().compute())
 
 
 def _encode(config: PreprocessConfig, work: Path, items: pd.DataFrame, filtered_dir: Path):
@@ -185,7 +190,7 @@ def _encode(config: PreprocessConfig, work: Path, items: pd.DataFrame, filtered_
 
     item_extra = list(config.item_features)
     user_extra = list(config.user_features)
-    reviews = Dataset(str(filtered_dir), engine="parquet")
+    reviews = Dataset(str(filtered_dir), engine="parquet", part_size="2GB")
     joined = [USER_ID, ITEM_ID, "time", *user_extra] >> nvt.ops.JoinExternal(
         items, on=ITEM_ID, how="left", columns_ext=[ITEM_ID, CATEGORY_ID, *item_extra]
     )
@@ -262,7 +267,9 @@ def _run(config: PreprocessConfig, work: Path, stages: _Stages, workers: int) ->
             f"no user has at least {config.min_user_interactions} behaviours in {config.reviews} "
             f"({reviews.rows} reviews read); lower --min_user_interactions"
         )
-    missing_meta = _items_without_meta(filtered_dir, items)
+    reviewed = _reviewed_items(filtered_dir)
+    missing_meta = sorted(reviewed - set(items[ITEM_ID]))
+    items = items[items[ITEM_ID].isin(reviewed)]
     if missing_meta:
         print(
             f"[preprocess] warning: {len(missing_meta):,} reviewed items have no line in "
