@@ -1,0 +1,64 @@
+"""SIM, DIN and DIEN: reference parameter counts; fit, save, reload through the Merlin dataloader."""
+import numpy as np
+import pytest
+import tensorflow as tf
+from merlin.dataloader.tensorflow import Loader
+from merlin.io import Dataset
+
+from sim_merlin.models.dien import DIENBlock, DIENModel
+from sim_merlin.models.din import DINBlock, DINModel
+from sim_merlin.models.sim import SIMBlock, SIMModel
+from sim_merlin.schema import sample_schema
+
+pytestmark = pytest.mark.compat_lock
+
+
+@pytest.mark.parametrize("block,expected", [(SIMBlock, 223_212), (DINBlock, 32_641),
+                                            (DIENBlock, 193_811)])
+def test_reference_compatible_models_have_the_reference_parameter_counts(block, expected):
+    # The reference's Amazon Books setting: E=16, history 100 split 90/10, k=50.
+    schema = sample_schema({"item_id": 1_000, "category_id": 50}, {"user_id": 300}, 100)
+    layer = block(schema, embedding_dim=16, reference_compatible=True)
+    rng = np.random.default_rng(0)
+    batch = {name: tf.constant(rng.integers(1, 50, (4, 100) if "history" in name else (4,)))
+             for name in schema.column_names if name != "label"}
+    if block is DINBlock:
+        layer(batch)
+    else:  # the auxiliary network is built when a loss is computed
+        layer(batch, targets=tf.constant([1, 0, 1, 0]), training=True)
+    dense = sum(int(np.prod(v.shape)) for v in layer.trainable_variables
+                if "embeddings" not in v.name)
+    assert dense == expected
+
+
+def test_reference_mode_switches_to_the_reference_choices():
+    schema = sample_schema({"item_id": 10, "category_id": 4}, {"user_id": 5}, 20)
+    block = SIMBlock(schema, search_mode="hard", esu_attention="multihead", reference_compatible=True)
+    assert (block.search.mode, block.exact_search.attention) == ("soft", "dot")
+    assert block.exact_search.mean_denominator == "count_plus_one"
+    assert not block.extractor.use_mask and block.auxiliary.reference_compatible
+
+
+@pytest.mark.parametrize("factory,options", [
+    (SIMModel, {"top_k": 6}),
+    (SIMModel, {"top_k": 6, "search_mode": "hard", "esu_heads": 2}),
+    (SIMModel, {"top_k": 6, "reference_compatible": True}),
+    (DINModel, {}),
+    (DINModel, {"reference_compatible": True}),
+    (DIENModel, {}),
+    (DIENModel, {"reference_compatible": True}),
+])
+def test_one_step_fit_save_reload_identical_predictions(tiny_dataset, tmp_path, factory, options):
+    train = Dataset(str(tiny_dataset / "train"), engine="parquet")
+    tf.keras.utils.set_random_seed(3)
+    model = factory(train.schema, embedding_dim=8, short_length=5, **options)
+    model.compile(optimizer="adam")
+    history = model.fit(Loader(train, batch_size=64, shuffle=True), epochs=1, steps_per_epoch=2,
+                        verbose=0)
+    assert np.isfinite(history.history["loss"]).all()
+    batch, _ = next(iter(Loader(train, batch_size=32, shuffle=False)))
+    before = model.predict(batch, verbose=0)
+    assert before.shape == (32, 1) and ((before > 0) & (before < 1)).all()
+    model.save(tmp_path / "model")
+    reloaded = tf.keras.models.load_model(tmp_path / "model")
+    np.testing.assert_array_equal(reloaded.predict(batch, verbose=0), before)
