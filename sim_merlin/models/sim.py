@@ -92,7 +92,9 @@ class SIMBlock(SchemaConfigMixin, mm.Block):
         self.auxiliary = AuxiliaryLoss(self.aux_mlp_dims, self.dropout_rate,
                                        reference_compatible=reference_compatible)
 
-    def call(self, inputs, targets=None, training=False, testing=False):
+    def forward(self, inputs, training=False) -> dict:
+        """All intermediate results: ``stage_one`` and ``stage_two`` logits [batch, 1], the
+        embedded inputs ``embedded``, the ESU ``selection`` mask and the interest ``states``."""
         e = self.embeddings(inputs)
         user, target = e["user"], e["target"]
         pooled = self.long_attention(target, e["long"], e["long_mask"])
@@ -106,12 +108,18 @@ class SIMBlock(SchemaConfigMixin, mm.Block):
         interest = self.evolution(target, states, e["short_mask"], training=training)
         stage_two = self.stage_two(tf.concat([exact, target, interest, user], axis=-1),
                                    training=training)
+        return {"stage_one": stage_one, "stage_two": stage_two, "embedded": e,
+                "selection": selected_mask, "states": states}
+
+    def call(self, inputs, targets=None, training=False, testing=False):
+        out = self.forward(inputs, training=training)
         labels = labels_from(targets)
         if labels is not None and (training or testing):
-            self.add_loss(0.5 * logit_cross_entropy(labels, stage_one))
-            self.add_loss(self.auxiliary(states, e["short"], e["short_negative"], e["short_mask"],
-                                         training=training))
-        return stage_two
+            e = out["embedded"]
+            self.add_loss(0.5 * logit_cross_entropy(labels, out["stage_one"]))
+            self.add_loss(self.auxiliary(out["states"], e["short"], e["short_negative"],
+                                         e["short_mask"], training=training))
+        return out["stage_two"]
 
     def get_config(self):
         config = super().get_config()

@@ -62,3 +62,25 @@ def test_one_step_fit_save_reload_identical_predictions(tiny_dataset, tmp_path, 
     model.save(tmp_path / "model")
     reloaded = tf.keras.models.load_model(tmp_path / "model")
     np.testing.assert_array_equal(reloaded.predict(batch, verbose=0), before)
+
+
+def test_sim_loss_is_half_the_two_stage_cross_entropies_plus_the_auxiliary_loss(tiny_dataset):
+    train = Dataset(str(tiny_dataset / "train"), engine="parquet")
+    model = SIMModel(train.schema, embedding_dim=8, short_length=5, top_k=6)
+    model.compile(optimizer="sgd")
+    batch, target = next(iter(Loader(train, batch_size=64, shuffle=False)))
+    reported = model.evaluate(batch, target, verbose=0, return_dict=True)["loss"]
+    block = model.blocks[0]
+    out = block.forward(batch)
+    e = out["embedded"]
+    aux = float(block.auxiliary(out["states"], e["short"], e["short_negative"], e["short_mask"]))
+    y = np.asarray(target["label"] if isinstance(target, dict) else target).ravel().astype(float)
+
+    def bce(logits):
+        p = 1 / (1 + np.exp(-np.asarray(logits, np.float64).ravel()))
+        p = np.clip(p, 1e-7, 1 - 1e-7)  # Keras clips probabilities the same way
+        return float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).mean())
+
+    want = 0.5 * (bce(out["stage_one"]) + bce(out["stage_two"])) + aux
+    assert reported == pytest.approx(want, rel=1e-4)
+    assert aux > 0.5  # the auxiliary term is really there (about 2 log 2 untrained)
