@@ -55,3 +55,19 @@ def test_esu_features_train_in_a_merlin_model_and_reload_exactly(tiny_dataset, t
     np.testing.assert_array_equal(reloaded.predict(batch, verbose=0), before)
     names = {v.name for v in model.trainable_variables}
     assert any("item_id_embeddings" in n for n in names) and any("query" in n for n in names)
+
+
+def test_esu_features_feed_a_dcn_cross_tower(tiny_dataset, tmp_path):
+    train = Dataset(str(tiny_dataset / "train"), engine="parquet")
+    tf.keras.utils.set_random_seed(6)
+    model = mm.Model(SearchedInterest(train.schema), mm.CrossBlock(2), mm.MLPBlock([16]),
+                     mm.BinaryOutput("label"))
+    model.compile(optimizer="adam")
+    history = model.fit(Loader(train, batch_size=64, shuffle=True), epochs=1, steps_per_epoch=3,
+                        verbose=0)
+    assert np.isfinite(history.history["loss"]).all()
+    batch, _ = next(iter(Loader(train, batch_size=16, shuffle=False)))
+    before = model.predict(batch, verbose=0)
+    model.save(tmp_path / "dcn")
+    reloaded = tf.keras.models.load_model(tmp_path / "dcn")
+    np.testing.assert_allclose(reloaded.predict(batch, verbose=0), before, rtol=1e-4)
