@@ -84,3 +84,26 @@ def test_sim_loss_is_half_the_two_stage_cross_entropies_plus_the_auxiliary_loss(
     want = 0.5 * (bce(out["stage_one"]) + bce(out["stage_two"])) + aux
     assert reported == pytest.approx(want, rel=1e-4)
     assert aux > 0.5  # the auxiliary term is really there (about 2 log 2 untrained)
+
+
+@pytest.mark.parametrize("block_class", [SIMBlock, DINBlock, DIENBlock])
+def test_models_take_ragged_histories_and_agree_in_eager_and_graph_mode(block_class):
+    schema = sample_schema({"item_id": 40, "category_id": 6}, {"user_id": 9}, 8)
+    kwargs = {"top_k": 3} if block_class is SIMBlock else {}
+    block = block_class(schema, embedding_dim=4, short_length=3, **kwargs)
+    rng = np.random.default_rng(1)
+    lengths = np.array([8, 5, 1, 3])
+    mask = np.arange(8)[None, :] >= 8 - lengths[:, None]
+    dense = {"user_id": tf.constant(rng.integers(3, 9, 4)), "item_id": tf.constant(rng.integers(3, 40, 4)),
+             "category_id": tf.constant(rng.integers(3, 6, 4))}
+    ragged = dict(dense)
+    for name, high in (("item_id", 40), ("category_id", 6)):
+        for suffix in ("_history", "_neg_history"):
+            values = rng.integers(3, high, (4, 8)) * mask
+            dense[name + suffix] = tf.constant(values)
+            ragged[name + suffix] = tf.ragged.constant([row[m].tolist() for row, m in zip(values, mask)],
+                                                       dtype=tf.int64)
+    eager = block(dense).numpy()
+    np.testing.assert_allclose(block(ragged).numpy(), eager, rtol=1e-6, atol=1e-7)
+    graph = tf.function(lambda features: block(features))(dense).numpy()
+    np.testing.assert_allclose(graph, eager, rtol=1e-5, atol=1e-6)
