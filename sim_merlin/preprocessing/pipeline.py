@@ -279,7 +279,7 @@ def _run(config: PreprocessConfig, work: Path, stages: _Stages, workers: int) ->
         )
     workflow, encoded_dir = stages.run("encode", _encode, config, work, items, filtered_dir)
     encoded = Dataset(str(encoded_dir), engine="parquet")
-    frame = encoded.to_ddf()[[ITEM_ID, CATEGORY_ID, *config.item_features, USER_ID]].compute()
+    frame = encoded.to_ddf()[[ITEM_ID, CATEGORY_ID, *config.item_features]].compute()
     item_names = [ITEM_ID, CATEGORY_ID, *config.item_features]
     user_names = [USER_ID, *config.user_features]
     cardinalities = {
@@ -293,12 +293,13 @@ def _run(config: PreprocessConfig, work: Path, stages: _Stages, workers: int) ->
         table[frame[ITEM_ID].to_numpy()] = frame[name].to_numpy()
         item_table[name] = table
     sampler = NegativeSampler(frame[ITEM_ID].to_numpy(), item_table)
-    n_users = int(frame[USER_ID].nunique())
+    n_users = kept_users
 
     def group():
         aggs = {name: ["list"] for name in item_names + ["time"]}
         aggs.update({name: ["last"] for name in config.user_features})
-        grouped = [USER_ID, "time", "item_asin", *item_names[1:], *config.user_features, ITEM_ID] >> nvt.ops.Groupby(
+        columns = [USER_ID, "time", "item_asin", *item_names, *config.user_features]
+        grouped = columns >> nvt.ops.Groupby(
             groupby_cols=[USER_ID], sort_cols=["time", "item_asin"], aggs=aggs, name_sep="_"
         )
         partitions = max(1, -(-n_users // config.users_per_partition))
