@@ -1,7 +1,6 @@
 """The compatibility layer: Merlin Models 23.x must import and train on both locked TensorFlows."""
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pandas as pd
