@@ -11,29 +11,7 @@ from sim_merlin.models.dien import DIENModel
 from sim_merlin.models.din import DINModel
 from sim_merlin.models.sim import SIMModel
 from sim_merlin.preprocessing.pipeline import PreprocessConfig, preprocess
-
-
-def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Exact ROC AUC (Mann-Whitney U with average ranks for ties)."""
-    order = np.argsort(scores, kind="stable")
-    ranks = np.empty(len(scores))
-    sorted_scores = scores[order]
-    starts = np.r_[0, np.flatnonzero(np.diff(sorted_scores)) + 1]
-    ends = np.r_[starts[1:], len(scores)]
-    for start, end in zip(starts, ends):
-        ranks[order[start:end]] = (start + end + 1) / 2.0
-    positives = labels == 1
-    n_pos, n_neg = positives.sum(), (~positives).sum()
-    return float((ranks[positives].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-def test_roc_auc_matches_a_pairwise_count():
-    rng = np.random.default_rng(0)
-    labels = rng.integers(0, 2, 300)
-    scores = np.round(rng.normal(size=300) + labels, 1)  # with ties
-    pos, neg = scores[labels == 1], scores[labels == 0]
-    pairwise = ((pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])).mean()
-    assert roc_auc(labels, scores) == pytest.approx(pairwise)
+from sim_merlin.training.metrics import roc_auc
 
 
 @pytest.fixture(scope="module")
