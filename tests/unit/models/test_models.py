@@ -48,20 +48,14 @@ def test_reference_mode_switches_to_the_reference_choices():
     (DIENModel, {}),
     (DIENModel, {"reference_compatible": True}),
 ])
-def test_one_step_fit_save_reload_identical_predictions(tiny_dataset, tmp_path, factory, options):
+def test_one_step_fit_save_reload_identical_predictions(tiny_dataset, fit_save_reload, factory,
+                                                        options):
     train = Dataset(str(tiny_dataset / "train"), engine="parquet")
     tf.keras.utils.set_random_seed(3)
     model = factory(train.schema, embedding_dim=8, short_length=5, **options)
-    model.compile(optimizer="adam")
-    history = model.fit(Loader(train, batch_size=64, shuffle=True), epochs=1, steps_per_epoch=2,
-                        verbose=0)
-    assert np.isfinite(history.history["loss"]).all()
-    batch, _ = next(iter(Loader(train, batch_size=32, shuffle=False)))
-    before = model.predict(batch, verbose=0)
+    before, after = fit_save_reload(model, tiny_dataset / "train")
     assert before.shape == (32, 1) and ((before > 0) & (before < 1)).all()
-    model.save(tmp_path / "model")
-    reloaded = tf.keras.models.load_model(tmp_path / "model")
-    np.testing.assert_array_equal(reloaded.predict(batch, verbose=0), before)
+    np.testing.assert_array_equal(after, before)
 
 
 def test_sim_loss_is_half_the_two_stage_cross_entropies_plus_the_auxiliary_loss(tiny_dataset):

@@ -6,7 +6,6 @@ import merlin.models.tf as mm
 import numpy as np
 import pytest
 import tensorflow as tf
-from merlin.dataloader.tensorflow import Loader
 from merlin.io import Dataset
 
 from sim_merlin.blocks.exact_search import ExactSearchUnit
@@ -39,37 +38,22 @@ class SearchedInterest(SchemaConfigMixin, mm.Block):
         return self._config_with_schema(super().get_config())
 
 
-def test_esu_features_train_in_a_merlin_model_and_reload_exactly(tiny_dataset, tmp_path):
-    train = Dataset(str(tiny_dataset / "train"), engine="parquet")
+def test_esu_features_train_in_a_merlin_model_and_reload_exactly(tiny_dataset, fit_save_reload):
+    schema = Dataset(str(tiny_dataset / "train"), engine="parquet").schema
     tf.keras.utils.set_random_seed(5)
-    model = mm.Model(SearchedInterest(train.schema), mm.MLPBlock([32, 16]),
-                     mm.BinaryOutput("label"))
-    model.compile(optimizer="adam")
-    history = model.fit(Loader(train, batch_size=64, shuffle=True), epochs=1, steps_per_epoch=3,
-                        verbose=0)
-    assert np.isfinite(history.history["loss"]).all()
-    batch, _ = next(iter(Loader(train, batch_size=16, shuffle=False)))
-    before = model.predict(batch, verbose=0)
-    model.save(tmp_path / "reused")
-    reloaded = tf.keras.models.load_model(tmp_path / "reused")
-    np.testing.assert_array_equal(reloaded.predict(batch, verbose=0), before)
+    model = mm.Model(SearchedInterest(schema), mm.MLPBlock([32, 16]), mm.BinaryOutput("label"))
+    before, after = fit_save_reload(model, tiny_dataset / "train", steps=3)
+    np.testing.assert_array_equal(after, before)
     names = {v.name for v in model.trainable_variables}
     assert any("item_id_embeddings" in n for n in names) and any("query" in n for n in names)
 
 
-def test_esu_features_feed_a_dcn_cross_tower(tiny_dataset, tmp_path):
+def test_esu_features_feed_a_dcn_cross_tower(tiny_dataset, fit_save_reload):
     """Trains and reloads; Merlin's CrossBlock itself reloads only approximately (up to ~1e-4 on
     TF 2.12), so exactness is checked by the MLP-tower test above, not here."""
-    train = Dataset(str(tiny_dataset / "train"), engine="parquet")
+    schema = Dataset(str(tiny_dataset / "train"), engine="parquet").schema
     tf.keras.utils.set_random_seed(6)
-    model = mm.Model(SearchedInterest(train.schema), mm.CrossBlock(2), mm.MLPBlock([16]),
+    model = mm.Model(SearchedInterest(schema), mm.CrossBlock(2), mm.MLPBlock([16]),
                      mm.BinaryOutput("label"))
-    model.compile(optimizer="adam")
-    history = model.fit(Loader(train, batch_size=64, shuffle=True), epochs=1, steps_per_epoch=3,
-                        verbose=0)
-    assert np.isfinite(history.history["loss"]).all()
-    batch, _ = next(iter(Loader(train, batch_size=16, shuffle=False)))
-    before = model.predict(batch, verbose=0)
-    model.save(tmp_path / "dcn")
-    reloaded = tf.keras.models.load_model(tmp_path / "dcn")
-    np.testing.assert_allclose(reloaded.predict(batch, verbose=0), before, atol=1e-3)
+    before, after = fit_save_reload(model, tiny_dataset / "train", steps=3)
+    np.testing.assert_allclose(after, before, atol=1e-3)
