@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-NO_CATEGORY = "<no category>"
+from sim_merlin.preprocessing.raw import NO_CATEGORY
 
 
 def _open_text(path: str | Path):

@@ -33,8 +33,7 @@ from __future__ import annotations
 
 import numpy as np
 
-HISTORY_SUFFIX = "_history"
-NEGATIVE_HISTORY_SUFFIX = "_neg_history"
+from sim_merlin.schema import HISTORY_SUFFIX, NEGATIVE_HISTORY_SUFFIX
 _STREAM_TARGET = 0x5157
 _STREAM_HISTORY = 0xA11C
 _MAX_REDRAWS = 32

@@ -6,22 +6,10 @@ import tensorflow as tf
 from merlin.dataloader.tensorflow import Loader
 from merlin.io import Dataset
 
-from sim_merlin.datasets.synthetic import SyntheticConfig, generate
 from sim_merlin.models.dien import DIENModel
 from sim_merlin.models.din import DINModel
 from sim_merlin.models.sim import SIMModel
-from sim_merlin.preprocessing.pipeline import PreprocessConfig, preprocess
 from sim_merlin.training.metrics import roc_auc
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("quality")
-    generate(SyntheticConfig(users=800, items=4000, categories=30, seed=21), root / "raw")
-    preprocess(PreprocessConfig(reviews=root / "raw" / "reviews_Books.json",
-                                meta=root / "raw" / "meta_Books.json", output=root / "data",
-                                max_sequence_length=30))
-    return root / "data"
 
 
 def _read(directory, columns):
@@ -42,7 +30,8 @@ def _popularity_auc(data) -> float:
     (DINModel, {}),
     (DIENModel, {}),
 ])
-def test_models_beat_the_popularity_baseline(data, factory, options):
+def test_models_beat_the_popularity_baseline(quality_dataset, factory, options):
+    data = quality_dataset
     train = Dataset(str(data / "train"), engine="parquet")
     test = Dataset(str(data / "test"), engine="parquet")
     tf.keras.utils.set_random_seed(7)
