@@ -198,7 +198,7 @@ def _encode(config: PreprocessConfig, work: Path, items: pd.DataFrame, filtered_
     asin = joined[ITEM_ID] >> nvt.ops.Rename(f=lambda name: "item_asin")
     encoded = (
         joined[[USER_ID, ITEM_ID, *user_extra, *item_extra]] + category
-    ) >> nvt.ops.Categorify()
+    ) >> nvt.ops.Categorify(out_path=str(work / "categories"))  # not ./categories in the cwd
     workflow = nvt.Workflow(encoded + asin + joined["time"])
     workflow.fit(reviews)
     out = work / "encoded"
