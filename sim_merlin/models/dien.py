@@ -24,7 +24,7 @@ from sim_merlin.blocks.inputs import BehaviourEmbeddings
 from sim_merlin.blocks.interest import AuxiliaryLoss, InterestEvolution, InterestExtractor
 from sim_merlin.blocks.mlp import LogitMLP
 from sim_merlin.blocks.serialization import SchemaConfigMixin
-from sim_merlin.models.losses import labels_from
+from sim_merlin.models.losses import labels_from, logit_cross_entropy
 from sim_merlin.models.sim import binary_output
 
 
@@ -52,7 +52,7 @@ class DIENBlock(SchemaConfigMixin, mm.Block):
         self.auxiliary = AuxiliaryLoss(self.aux_mlp_dims, self.dropout_rate,
                                        reference_compatible=reference_compatible)
 
-    def call(self, inputs, targets=None, training=False, testing=False):
+    def _forward(self, inputs, training=False):
         e = self.embeddings(inputs)
         if self.reference_compatible:
             sequence, negative, mask = e["short"], e["short_negative"], e["short_mask"]
@@ -60,9 +60,20 @@ class DIENBlock(SchemaConfigMixin, mm.Block):
             sequence, negative, mask = e["history"], e["negative"], e["history_mask"]
         states = self.extractor(sequence, mask, training=training)
         interest = self.evolution(e["target"], states, mask, training=training)
+        logit = self.mlp(tf.concat([e["target"], interest, e["user"]], axis=-1), training=training)
+        return logit, (states, sequence, negative, mask)
+
+    def loss_terms(self, inputs, labels, training=False) -> dict:
+        """The ``logit`` [batch, 1], its ``classification_loss`` (BCE) and ``auxiliary_loss``."""
+        logit, auxiliary_inputs = self._forward(inputs, training=training)
+        return {"logit": logit, "classification_loss": logit_cross_entropy(labels, logit),
+                "auxiliary_loss": self.auxiliary(*auxiliary_inputs, training=training)}
+
+    def call(self, inputs, targets=None, training=False, testing=False):
+        logit, auxiliary_inputs = self._forward(inputs, training=training)
         if labels_from(targets) is not None and (training or testing):
-            self.add_loss(self.auxiliary(states, sequence, negative, mask, training=training))
-        return self.mlp(tf.concat([e["target"], interest, e["user"]], axis=-1), training=training)
+            self.add_loss(self.auxiliary(*auxiliary_inputs, training=training))
+        return logit
 
     def get_config(self):
         config = super().get_config()

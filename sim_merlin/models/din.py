@@ -23,6 +23,7 @@ from sim_merlin.blocks.attention import TargetAttention
 from sim_merlin.blocks.inputs import BehaviourEmbeddings
 from sim_merlin.blocks.mlp import LogitMLP
 from sim_merlin.blocks.serialization import SchemaConfigMixin
+from sim_merlin.models.losses import logit_cross_entropy
 from sim_merlin.models.sim import binary_output
 
 
@@ -50,6 +51,12 @@ class DINBlock(SchemaConfigMixin, mm.Block):
         e = self.embeddings(inputs)
         pooled = self.attention(e["target"], e["history"], e["history_mask"])
         return self.mlp(tf.concat([e["target"], pooled, e["user"]], axis=-1), training=training)
+
+    def loss_terms(self, inputs, labels, training=False) -> dict:
+        """The ``logit`` [batch, 1], its ``classification_loss`` (BCE) and ``auxiliary_loss`` 0."""
+        logit = self.call(inputs, training=training)
+        return {"logit": logit, "classification_loss": logit_cross_entropy(labels, logit),
+                "auxiliary_loss": tf.constant(0.0)}
 
     def get_config(self):
         config = super().get_config()

@@ -111,6 +111,19 @@ class SIMBlock(SchemaConfigMixin, mm.Block):
         return {"stage_one": stage_one, "stage_two": stage_two, "embedded": e,
                 "selection": selected_mask, "states": states}
 
+    def loss_terms(self, inputs, labels, training=False) -> dict:
+        """The prediction ``logit`` [batch, 1] and the loss as the reference logs it:
+        ``classification_loss`` = 0.5 * (BCE(stage one) + BCE(stage two)) and
+        ``auxiliary_loss``; labels [batch] in {0, 1}."""
+        out = self.forward(inputs, training=training)
+        e = out["embedded"]
+        classification = 0.5 * (logit_cross_entropy(labels, out["stage_one"])
+                                + logit_cross_entropy(labels, out["stage_two"]))
+        auxiliary = self.auxiliary(out["states"], e["short"], e["short_negative"],
+                                   e["short_mask"], training=training)
+        return {"logit": out["stage_two"], "classification_loss": classification,
+                "auxiliary_loss": auxiliary}
+
     def call(self, inputs, targets=None, training=False, testing=False):
         out = self.forward(inputs, training=training)
         labels = labels_from(targets)

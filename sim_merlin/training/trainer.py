@@ -1,0 +1,142 @@
+"""The compiled steps of ``python -m sim_merlin.fit``: train, predict, evaluate.
+
+:class:`Trainer` drives a SIM, DIN or DIEN Merlin model through its block's ``loss_terms``
+(prediction logit, classification loss, auxiliary loss), so the logged losses are the reference's
+``total_loss``, ``classification_loss`` and ``dien_aux_loss``, while the Merlin model itself is
+what is saved and exported.
+
+- Mixed precision: the model is built under a ``mixed_float16`` or ``mixed_bfloat16`` policy
+  (see :func:`precision_policy`); float16 gets dynamic loss scaling, bfloat16 needs none. Logits
+  and losses are float32.
+- XLA: ``xla=True`` turns on TensorFlow's XLA auto-clustering for the training step (as the
+  reference's ``--xla`` does) and compiles the prediction step whole with ``jit_compile``.
+  Compiling the whole training step with ``jit_compile`` works but is slow: an op of the
+  backward pass needs its input values at compile time, so XLA recompiles for every batch.
+- Horovod: gradients are averaged over workers; embedding gradients stay sparse
+  (``IndexedSlices``, exchanged by allgather) unless ``sparse_as_dense``.
+
+Example::
+
+    >>> import sim_merlin.tf_compat  # noqa: F401
+    >>> import tensorflow as tf
+    >>> from sim_merlin.models.din import DINModel
+    >>> from sim_merlin.schema import sample_schema
+    >>> schema = sample_schema({"item_id": 30, "category_id": 5}, {"user_id": 9}, 4)
+    >>> batch = {"user_id": tf.constant([1, 2]), "item_id": tf.constant([3, 4]),
+    ...          "category_id": tf.constant([1, 2]),
+    ...          "item_id_history": tf.constant([[0, 5, 6, 7], [1, 2, 3, 4]]),
+    ...          "category_id_history": tf.constant([[0, 1, 1, 2], [3, 3, 3, 3]]),
+    ...          "item_id_neg_history": tf.constant([[0, 9, 9, 9], [9, 9, 9, 9]]),
+    ...          "category_id_neg_history": tf.constant([[0, 4, 4, 4], [4, 4, 4, 4]])}
+    >>> model = DINModel(schema, embedding_dim=4, short_length=2)
+    >>> trainer = Trainer(model, tf.keras.optimizers.Adam(0.01))
+    >>> trainer.build(batch)
+    >>> losses = trainer.train_step(batch, tf.constant([1, 0]))
+    >>> sorted(losses)
+    ['auxiliary_loss', 'classification_loss', 'total_loss']
+"""
+from __future__ import annotations
+
+import sim_merlin.tf_compat  # noqa: F401
+import numpy as np
+import tensorflow as tf
+
+
+def precision_policy(amp: bool, device: str = "cpu", dtype: str = "auto") -> str:
+    """The Keras mixed-precision policy for ``--amp``: float32 without it; with it
+    ``mixed_float16`` on a GPU and ``mixed_bfloat16`` on a CPU (``dtype`` overrides ``auto``)."""
+    if not amp:
+        return "float32"
+    if dtype == "auto":
+        dtype = "float16" if device == "gpu" else "bfloat16"
+    if dtype not in ("float16", "bfloat16"):
+        raise ValueError(f"--amp_dtype must be auto, float16 or bfloat16, got {dtype!r}")
+    return f"mixed_{dtype}"
+
+
+class Trainer:
+    """Train, predict and evaluate steps for a SIM, DIN or DIEN Merlin model."""
+
+    def __init__(self, model, optimizer, distributed=None, xla: bool = False,
+                 sparse_as_dense: bool = False):
+        self.model = model
+        self.block = model.blocks[0]
+        if not hasattr(self.block, "loss_terms"):
+            raise TypeError(f"{type(self.block).__name__} has no loss_terms(); the trainer "
+                            "drives SIM, DIN and DIEN models")
+        self.distributed = distributed
+        self.xla = bool(xla)
+        self.sparse_as_dense = bool(sparse_as_dense)
+        self.loss_scaling = tf.keras.mixed_precision.global_policy().compute_dtype == "float16"
+        if self.loss_scaling:
+            optimizer = tf.keras.mixed_precision.LossScaleOptimizer(optimizer)
+        self.optimizer = optimizer
+        if self.xla:
+            tf.config.optimizer.set_jit("autoclustering")
+        self._gradients = tf.function(self._compute_gradients)
+        self.train_step = tf.function(self._train_step)
+        self.predict_step = tf.function(self._predict_step, jit_compile=self.xla or None)
+
+    @property
+    def _horovod(self) -> bool:
+        return self.distributed is not None and self.distributed.enabled
+
+    def build(self, features) -> None:
+        """Create every variable (model and optimizer slots) from one batch of features."""
+        self.model(features, training=False)
+        labels = tf.zeros([tf.shape(next(iter(features.values())))[0]])
+        self.block.loss_terms(features, labels, training=False)  # the auxiliary tower too
+        self.optimizer.build(self.model.trainable_variables)
+
+    def broadcast(self) -> None:
+        """Copy rank 0's model and optimizer variables to every worker."""
+        if self._horovod:
+            self.distributed.broadcast_variables(self.model.variables + self.optimizer.variables)
+
+    def _compute_gradients(self, features, labels):
+        labels = tf.reshape(tf.cast(labels, tf.float32), [-1])
+        variables = self.model.trainable_variables
+        with tf.GradientTape() as tape:
+            terms = self.block.loss_terms(features, labels, training=True)
+            total = terms["classification_loss"] + terms["auxiliary_loss"]
+            scaled = self.optimizer.get_scaled_loss(total) if self.loss_scaling else total
+        gradients = tape.gradient(scaled, variables)
+        losses = {"total_loss": total, "classification_loss": terms["classification_loss"],
+                  "auxiliary_loss": terms["auxiliary_loss"]}
+        return losses, gradients
+
+    def _train_step(self, features, labels):
+        losses, gradients = self._gradients(features, labels)
+        if self.loss_scaling:
+            gradients = self.optimizer.get_unscaled_gradients(gradients)
+        if self._horovod:
+            gradients = self.distributed.average_gradients(gradients, self.sparse_as_dense)
+        elif self.sparse_as_dense:
+            gradients = [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g
+                         for g in gradients]
+        self.optimizer.apply_gradients(zip(gradients, self.model.trainable_variables))
+        return losses
+
+    def _predict_step(self, features):
+        # The model's output is the sigmoid of the block's logit; score with the block directly.
+        return tf.reshape(tf.cast(self.block(features, training=False), tf.float32), [-1])
+
+    def predict_logits(self, batches) -> tuple[np.ndarray, np.ndarray | None]:
+        """Logits (float32) and labels over ``batches`` of ``(features, labels)``."""
+        logits, labels = [], []
+        for features, batch_labels in batches:
+            logits.append(self.predict_step(features).numpy())
+            if batch_labels is not None:
+                labels.append(np.asarray(batch_labels).reshape(-1))
+        if not logits:
+            return np.zeros([0], np.float32), np.zeros([0], np.int64)
+        return np.concatenate(logits), (np.concatenate(labels) if labels else None)
+
+
+def binary_cross_entropy(labels: np.ndarray, logits: np.ndarray) -> float:
+    """Mean BCE of ``logits`` against 0/1 ``labels``, in float64 (the sample-weighted loss)."""
+    x = np.asarray(logits, np.float64)
+    y = np.asarray(labels, np.float64)
+    if x.size == 0:
+        return float("nan")
+    return float(np.mean(np.maximum(x, 0) - x * y + np.log1p(np.exp(-np.abs(x)))))
