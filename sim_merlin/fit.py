@@ -116,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "CPUs (see --amp_dtype)")
     train.add_argument("--amp_dtype", choices=("auto", "float16", "bfloat16"), default="auto")
     train.add_argument("--xla", action="store_true",
-                       help="compile the forward and backward pass with XLA")
+                       help="XLA: auto-clustering of the training step (as the reference), "
+                            "the prediction step compiled whole")
     train.add_argument("--sparse_as_dense", action="store_true",
                        help="turn embedding gradients into dense tensors (the reference "
                             "always does; slower, same result)")
@@ -138,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     ckpt.add_argument("--export_dir", default="",
                       help="write a SavedModel here (after training, or in --mode export)")
     ckpt.add_argument("--predict_input", default="",
-                      help="--mode predict: parquet directory or file to score")
+                      help="--mode predict: a directory of parquet files with schema.pbtxt "
+                           "(as workflows/preprocess.py writes) to score")
     ckpt.add_argument("--predict_output", default="",
                       help="--mode predict: parquet file to write (default: "
                            "results_dir/predictions.parquet)")
@@ -382,6 +384,9 @@ class Run:
                 manager.save(checkpoint_number=epoch)
             last = {"epoch_time": epoch_time, **metrics}
             self._log([epoch], {**_reference_keys(performance), **last})
+            self.say(f"epoch {epoch}: test AUC {metrics['test_auc']:.4f} (8000 thresholds "
+                     f"{metrics['test_auc_8000']:.4f}), test loss {metrics['test_loss']:.4f}, "
+                     f"{performance['throughput']:,.0f} samples/s, {epoch_time:.1f} s")
             perf.new_window()
         replicas = self._compare_replicas(trainer)
         if a.benchmark:

@@ -59,6 +59,7 @@ def trained(tiny_dataset, tmp_path_factory):
     return out
 
 
+@pytest.mark.compat_lock
 def test_train_writes_the_reference_log(trained, tiny_dataset):
     log = trained / "log.json"
     assert [e["metric"] for e in events(log, "METADATA")] == METADATA
@@ -137,17 +138,26 @@ for name in names:
     spec = serving.structured_input_signature[1][name]
     features[name] = tf.constant(values, dtype=spec.dtype)
 by_signature = list(serving(**features).values())[0].numpy().ravel()
+again = tf.saved_model.load(sys.argv[4]).signatures["serving_default"]
+by_export_mode = list(again(**features).values())[0].numpy().ravel()
 from sim_merlin.models import load_model
 by_keras = load_model(sys.argv[1]).predict(features, verbose=0).ravel()
-json.dump({"names": names, "keras": by_keras.tolist(), "signature": by_signature.tolist()},
+json.dump({"names": names, "keras": by_keras.tolist(), "signature": by_signature.tolist(),
+           "export_mode": by_export_mode.tolist()},
           open(sys.argv[3], "w"))
 """
 
 
 def test_export_reloads_in_a_fresh_process(trained, tiny_dataset, tmp_path):
+    """The SavedModel written after training and the one --mode export writes from the last
+    checkpoint reload in a new process and score like the trained model."""
+    run_fit("--mode", "export", "--dataset_dir", tiny_dataset, "--results_dir", tmp_path,
+            "--global_batch_size", 256, "--load_checkpoint_path", trained / "ckpt",
+            "--export_dir", tmp_path / "export", *SMALL_SIM)
     result = tmp_path / "reloaded.json"
     subprocess.run([sys.executable, "-c", RELOAD, str(trained / "export"),
-                    str(tiny_dataset / "test"), str(result)], check=True, timeout=300)
+                    str(tiny_dataset / "test"), str(result), str(tmp_path / "export")],
+                   check=True, timeout=300)
     reloaded = json.loads(result.read_text())
     test = parquet_rows(tiny_dataset / "test")
     assert reloaded["names"] == sorted(c for c in test.columns if c != "label")
@@ -161,6 +171,7 @@ def test_export_reloads_in_a_fresh_process(trained, tiny_dataset, tmp_path):
     expected = scored["probability"].to_numpy()[:200]
     np.testing.assert_allclose(reloaded["keras"], expected, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(reloaded["signature"], expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(reloaded["export_mode"], expected, rtol=1e-5, atol=1e-6)
 
 
 def checkpoint_values(directory):
@@ -231,13 +242,16 @@ def test_inference_and_benchmark_log_the_reference_keys(tiny_dataset, tmp_path):
     assert not (tmp_path / "no-ckpt").exists()
 
 
-@pytest.mark.parametrize("flag", ["--amp", "--xla"])
-def test_amp_and_xla_train_with_finite_loss(tiny_dataset, tmp_path, flag):
-    done = run_fit(flag, "--dataset_dir", tiny_dataset, "--results_dir", tmp_path,
+@pytest.mark.parametrize("flags", [["--amp"], ["--xla"], ["--amp", "--amp_dtype", "float16"]],
+                         ids=["amp", "xla", "amp-float16"])
+def test_amp_and_xla_train_with_finite_loss(tiny_dataset, tmp_path, flags):
+    done = run_fit(*flags, "--dataset_dir", tiny_dataset, "--results_dir", tmp_path,
                    "--global_batch_size", 256, "--epochs", 1, "--no_train_eval", "--seed", 3,
-                   *SMALL_SIM)
-    if flag == "--amp":
-        assert "precision mixed_bfloat16" in done.stdout  # a CPU: bfloat16, no loss scaling
+                   *SMALL_SIM, "--progress", "on")
+    policy = "mixed_float16" if "float16" in flags else "mixed_bfloat16" if "--amp" in flags \
+        else "float32"
+    assert f"precision {policy}" in done.stdout  # --amp on a CPU: bfloat16 unless asked
+    assert "epoch 0" in done.stderr  # the progress bar
     losses = [e["data"]["total_loss"] for e in steps_of(tmp_path / "log.json", 2)]
     assert losses and np.isfinite(losses).all()
     (summary,) = steps_of(tmp_path / "log.json", 0)
