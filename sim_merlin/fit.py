@@ -337,7 +337,15 @@ class Run:
         return result
 
     def _first_features(self, split):
-        features, _ = next(iter(split.loader(batch_size=min(self.local_batch, 64))))
+        """One small batch (from the whole split, on every worker) to create the variables."""
+        loader = split.loader(batch_size=min(self.local_batch, 64))
+        try:
+            features, _ = next(iter(loader))
+        except StopIteration:
+            raise FitError(f"{split.path}: no rows to read") from None
+        finally:
+            if hasattr(loader, "stop"):
+                loader.stop()  # otherwise its reader thread keeps filling the queue
         return features
 
     def run_train(self) -> int:

@@ -112,6 +112,11 @@ class SequenceLayout:
 
 
 
+def _masked(embedded: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:
+    """Embeddings [B, T, D] with padded steps (mask False) set to zero."""
+    return embedded * tf.cast(tf.expand_dims(mask, -1), embedded.dtype)
+
+
 @tf.keras.utils.register_keras_serializable(package="sim_merlin")
 class BehaviourEmbeddings(SchemaConfigMixin, mm.Block):
     """Inputs dict -> dict of embedded, split, masked tensors (see the module docstring).
@@ -158,7 +163,10 @@ class BehaviourEmbeddings(SchemaConfigMixin, mm.Block):
         return value
 
     def _embed(self, inputs, names, sequence=False):
-        parts = [self.tables[self.layout.column_domain[n]](self._ids(inputs, n, sequence)) for n in names]
+        return self._lookup({n: self._ids(inputs, n, sequence) for n in names}, names)
+
+    def _lookup(self, ids: dict, names):
+        parts = [self.tables[self.layout.column_domain[n]](ids[n]) for n in names]
         return tf.concat(parts, axis=-1)
 
     def call(self, inputs, training=False):
@@ -167,20 +175,27 @@ class BehaviourEmbeddings(SchemaConfigMixin, mm.Block):
             "user": self._embed(inputs, layout.user),
             "target": self._embed(inputs, layout.target),
         }
-        mask = self._ids(inputs, layout.history[0], sequence=True) > 0
-        history = self._embed(inputs, layout.history, sequence=True)
-        history = history * tf.cast(tf.expand_dims(mask, -1), history.dtype)
-        split = self.long_length
-        out["long"], out["short"] = history[:, :split], history[:, split:]
-        out["long_mask"], out["short_mask"] = mask[:, :split], mask[:, split:]
-        out["history"], out["history_mask"] = history, mask
+        # The long and short parts are looked up on their own, not sliced from the whole
+        # history's lookup (the same values): the gradient of a slice is a dense tensor of the
+        # whole history (StridedSliceGrad, slow on CPU), that of a lookup stays sparse. A model
+        # computes only the lookups it reads (SIM: long, short and short negatives).
+        ids = {n: self._ids(inputs, n, sequence=True) for n in layout.history + layout.negative}
+        parts = [self.long_length, self.short_length]
+        long_ids, short_ids = {}, {}
+        for name, value in ids.items():
+            long_ids[name], short_ids[name] = tf.split(value, parts, axis=1)
+        mask = ids[layout.history[0]] > 0
+        long_mask, short_mask = tf.split(mask, parts, axis=1)
+        out["history"] = _masked(self._lookup(ids, layout.history), mask)
+        out["long"] = _masked(self._lookup(long_ids, layout.history), long_mask)
+        out["short"] = _masked(self._lookup(short_ids, layout.history), short_mask)
+        out["history_mask"], out["long_mask"], out["short_mask"] = mask, long_mask, short_mask
         if layout.negative:
-            negative = self._embed(inputs, layout.negative, sequence=True)
-            negative = negative * tf.cast(tf.expand_dims(mask, -1), negative.dtype)
-            out["negative"], out["short_negative"] = negative, negative[:, split:]
+            out["negative"] = _masked(self._lookup(ids, layout.negative), mask)
+            out["short_negative"] = _masked(self._lookup(short_ids, layout.negative), short_mask)
         index = layout.features.index(self.search_feature)
         out["target_search_key"] = self._ids(inputs, layout.target[index])
-        out["long_search_keys"] = self._ids(inputs, layout.history[index], sequence=True)[:, :split]
+        out["long_search_keys"] = long_ids[layout.history[index]]
         return out
 
     def get_config(self):

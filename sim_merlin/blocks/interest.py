@@ -53,7 +53,7 @@ class AUGRUCell(tf.keras.layers.Layer):
 
     def call(self, inputs, states):
         state = states[0] if isinstance(states, (list, tuple)) else states
-        x, score = inputs[:, :-1], inputs[:, -1:]
+        x, score = tf.split(inputs, [-1, 1], axis=-1)  # not [:, :-1]: slow gradient on CPU
         reset, update = tf.split(self.gates(tf.concat([x, state], axis=-1)), 2, axis=-1)
         candidate = self.candidate(tf.concat([x, reset * state], axis=-1))
         update = (1.0 - score) * update
@@ -161,7 +161,13 @@ class AuxiliaryLoss(mm.Block):
 
     def logits(self, states, behaviours, training=False):
         """[batch, length - 1] scores of (state_t, behaviour_{t+1})."""
-        x = tf.concat([states[:, :-1], tf.cast(behaviours[:, 1:], states.dtype)], axis=-1)
+        # tf.split, not states[:, :-1] / behaviours[:, 1:]: the gradient of a strided slice is
+        # slow on CPU (StridedSliceGrad), that of a split is a concatenation.
+        length = tf.shape(states)[1]
+        earlier, _ = tf.split(states, tf.stack([length - 1, 1]), axis=1, num=2)
+        _, later = tf.split(tf.cast(behaviours, states.dtype), tf.stack([1, length - 1]), axis=1,
+                            num=2)
+        x = tf.concat([earlier, later], axis=-1)
         for layer in self.scorer_layers[:-1]:
             x = layer(x)
         if self.dropout is not None:

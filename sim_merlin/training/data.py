@@ -86,6 +86,10 @@ class Split:
         from merlin.io import Dataset
 
         _check_worker(rank, size, sharding)
+        if self.batches(batch_size, rank, size, sharding, drop_remainder) == 0:
+            # Nothing to read (e.g. fewer partitions than workers): Merlin's loader would wait
+            # forever for a first batch.
+            return []
         if seed is not None:
             np.random.seed(seed % 2**32)
         options = dict(batch_size=batch_size, shuffle=shuffle, drop_last=drop_remainder)
@@ -93,12 +97,10 @@ class Split:
             return Loader(self.dataset, **options)
         ddf = self.dataset.to_ddf()
         if sharding == "partitions":
-            # Merlin's own split (global_rank/global_size) by the same rule, except that Merlin
-            # raises IndexError on every worker when there are fewer partitions than workers.
-            indices = _partitions_of(len(self.partition_rows), rank, size)
-            if not indices:
-                return []  # fewer partitions than workers: this one has nothing to read
-            parts = [ddf.get_partition(i) for i in indices]
+            # Merlin's own split (global_rank/global_size) by the same rule; Merlin itself raises
+            # IndexError on every worker when there are fewer partitions than workers.
+            parts = [ddf.get_partition(i)
+                     for i in _partitions_of(len(self.partition_rows), rank, size)]
         else:
             offsets = np.concatenate([[0], np.cumsum(self.partition_rows)[:-1]]).tolist()
             parts = [
@@ -162,6 +164,9 @@ def _stack_rows(column, name: str) -> np.ndarray:
     try:
         return np.stack(column.values)
     except ValueError as error:
+        if any(row is None for row in column.values):
+            raise DatasetError(f"column {name!r}: some rows are null (no list), but the schema "
+                               "says every row has a list of fixed length") from error
         lengths = sorted({len(row) for row in column.values})
         raise DatasetError(f"column {name!r}: rows have list lengths {lengths[:5]}, but the "
                            "schema says the lists have a fixed length") from error

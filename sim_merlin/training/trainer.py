@@ -67,11 +67,13 @@ class Trainer:
         self.distributed = distributed
         self.xla = bool(xla)
         self.sparse_as_dense = bool(sparse_as_dense)
-        self.loss_scaling = tf.keras.mixed_precision.global_policy().compute_dtype == "float16"
+        # Loss scaling follows the precision the model was built with, not the current default.
+        self.loss_scaling = self.block.compute_dtype == "float16"
         if self.loss_scaling:
             optimizer = tf.keras.mixed_precision.LossScaleOptimizer(optimizer)
         self.optimizer = optimizer
         if self.xla:
+            # Process-wide, as the reference's --xla: every later tf.function is auto-clustered.
             tf.config.optimizer.set_jit("autoclustering")
         self._gradients = tf.function(self._compute_gradients)
         self.train_step = tf.function(self._train_step)
@@ -114,6 +116,9 @@ class Trainer:
         elif self.sparse_as_dense:
             gradients = [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g
                          for g in gradients]
+        else:
+            gradients = [sum_duplicates(g, v.shape[0]) if isinstance(g, tf.IndexedSlices) else g
+                         for g, v in zip(gradients, self.model.trainable_variables)]
         self.optimizer.apply_gradients(zip(gradients, self.model.trainable_variables))
         return losses
 
@@ -130,13 +135,34 @@ class Trainer:
                 labels.append(np.asarray(batch_labels).reshape(-1))
         if not logits:
             return np.zeros([0], np.float32), np.zeros([0], np.int64)
+        if labels and len(labels) != len(logits):
+            raise ValueError(f"{len(labels)} of {len(logits)} batches have labels: either all "
+                             "batches carry labels or none does")
         return np.concatenate(logits), (np.concatenate(labels) if labels else None)
+
+
+def sum_duplicates(gradient: tf.IndexedSlices, rows: int | None = None) -> tf.IndexedSlices:
+    """``gradient`` with each row index once, its values summed: what the Keras optimizer does
+    itself before it applies a sparse gradient (``tf.unique`` + ``unsorted_segment_sum``: same
+    indices in the same order, same sums in the same order), but about 3x faster on CPU, where
+    ``UnsortedSegmentSum`` handles one row at a time; ``ScatterNd`` does not. The optimizer's own
+    pass then finds nothing to merge. ``rows``: the variable's row count, if known; below 2**31
+    the indices are handled as int32 (``tf.unique`` is several times faster on int32)."""
+    indices = gradient.indices
+    if indices.dtype == tf.int64 and rows is not None and rows < 2**31:
+        indices = tf.cast(indices, tf.int32)
+    unique, positions = tf.unique(indices)
+    values = tf.scatter_nd(tf.expand_dims(positions, 1), gradient.values,
+                           tf.concat([tf.shape(unique), tf.shape(gradient.values)[1:]], axis=0))
+    return tf.IndexedSlices(values, unique, gradient.dense_shape)
 
 
 def binary_cross_entropy(labels: np.ndarray, logits: np.ndarray) -> float:
     """Mean BCE of ``logits`` against 0/1 ``labels``, in float64 (the sample-weighted loss)."""
-    x = np.asarray(logits, np.float64)
-    y = np.asarray(labels, np.float64)
+    x = np.asarray(logits, np.float64).reshape(-1)
+    y = np.asarray(labels, np.float64).reshape(-1)
+    if x.size != y.size:
+        raise ValueError(f"{y.size} labels for {x.size} logits")
     if x.size == 0:
         return float("nan")
     return float(np.mean(np.maximum(x, 0) - x * y + np.log1p(np.exp(-np.abs(x)))))
