@@ -13,6 +13,10 @@ from sim_merlin.environment import compute_backend  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
+    # Modules with slow tests first: CI runs the files on 2 pytest-xdist workers (--dist
+    # loadfile), which take files in this order, so the long ones do not start last.
+    slow_modules = {item.module.__name__ for item in items if "slow" in item.keywords}
+    items.sort(key=lambda item: item.module.__name__ not in slow_modules)  # stable
     if compute_backend().is_gpu:
         return
     skip = pytest.mark.skip(reason="needs an NVIDIA GPU with cuDF (the CPU path is tested)")

@@ -1,5 +1,10 @@
 """Preprocessed data sets shared by the model, training and command tests."""
+import sys
+from pathlib import Path
+
 import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # fit_helpers (tests import in importlib mode)
 
 from sim_merlin.datasets.synthetic import SyntheticConfig, generate
 from sim_merlin.preprocessing.pipeline import PreprocessConfig, preprocess

@@ -8,14 +8,13 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from fit_helpers import SMALL_SIM
 
 from sim_merlin.datasets.synthetic import SyntheticConfig, generate
 from sim_merlin.preprocessing.pipeline import PreprocessConfig, preprocess
 from sim_merlin.training.logger import read_log
 
-SMALL_SIM = ["--embedding_dim", "4", "--long_seq_length", "15", "--top_k", "6", "--esu_heads",
-             "2", "--stage_one_mlp_dims", "16", "--stage_two_mlp_dims", "16,8",
-             "--aux_mlp_dims", "8", "--print_every", "0", "--progress", "off"]
+pytestmark = pytest.mark.slow
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
 
 

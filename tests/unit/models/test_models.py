@@ -10,7 +10,7 @@ from sim_merlin.models.din import DINBlock, DINModel
 from sim_merlin.models.sim import SIMBlock, SIMModel
 from sim_merlin.schema import sample_schema
 
-pytestmark = pytest.mark.compat_lock
+pytestmark = [pytest.mark.compat_lock, pytest.mark.slow]
 
 
 @pytest.mark.parametrize("block,expected", [(SIMBlock, 223_212), (DINBlock, 32_641),

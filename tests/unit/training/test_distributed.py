@@ -22,6 +22,7 @@ from sim_merlin.training.distributed import (
 
 HOROVODRUN = Path(sys.executable).parent / "horovodrun"
 WORKER = Path(__file__).with_name("distributed_worker.py")
+pytestmark = pytest.mark.slow  # real horovodrun jobs
 needs_horovodrun = pytest.mark.skipif(not HOROVODRUN.exists(),
                                       reason=f"Horovod is not installed ({HOROVODRUN} missing)")
 
