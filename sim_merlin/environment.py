@@ -97,6 +97,20 @@ def compute_backend(prefer_gpu: bool = True) -> ComputeBackend:
 _announced: set[str] = set()
 
 
+MERLIN_NOTICES = ("Initializing an NVTabular Dataset in CPU mode",
+                  "Changing an NVTabular Dataset to CPU", "PyTorch dtype mappings",
+                  "Triton dtype mappings")
+
+
+def quiet_merlin_notices() -> None:
+    """Hide Merlin's repeated warnings about CPU mode and its optional PyTorch / Triton
+    integrations (the commands announce the CPU/GPU path once themselves)."""
+    import warnings
+
+    for notice in MERLIN_NOTICES:
+        warnings.filterwarnings("ignore", message=notice)
+
+
 def announce_backend(command: str, backend: ComputeBackend | None = None, stream=None) -> None:
     """Print once per process which path ``command`` takes and why."""
     backend = backend or compute_backend()

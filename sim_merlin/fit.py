@@ -168,6 +168,9 @@ class FitError(RuntimeError):
 
 
 def main(argv=None) -> int:
+    from sim_merlin.environment import quiet_merlin_notices
+
+    quiet_merlin_notices()
     args = build_parser().parse_args(argv)
     try:
         return Run(args).run()

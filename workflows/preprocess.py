@@ -17,16 +17,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 from pathlib import Path
 
-# We announce the CPU/GPU path ourselves; Merlin's own notices about it (and about optional
-# PyTorch/Triton integrations) would only repeat it on every dataset it opens.
-for _notice in ("Initializing an NVTabular Dataset in CPU mode", "Changing an NVTabular Dataset to CPU",
-                "PyTorch dtype mappings", "Triton dtype mappings"):
-    warnings.filterwarnings("ignore", message=_notice)
+import sim_merlin  # noqa: F401  (environment set-up before Merlin imports)
+from sim_merlin.environment import quiet_merlin_notices
 
-import sim_merlin  # noqa: E402,F401  (environment set-up before Merlin imports)
+# We announce the CPU/GPU path ourselves; Merlin's notices would repeat it for every dataset.
+quiet_merlin_notices()
 from sim_merlin.preprocessing.pipeline import (  # noqa: E402
     PreprocessConfig,
     PreprocessingError,
