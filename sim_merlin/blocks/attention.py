@@ -55,21 +55,43 @@ class TargetAttention(mm.Block):
         self.normalize = bool(normalize)
         self.hidden_units = tuple(int(u) for u in hidden_units)
         self.activation = activation
-        self.score_mlp = None
+        self.score_layers = []  # DIN's activation unit (a list: its first layer is split)
         if scoring == "din":
-            self.score_mlp = tf.keras.Sequential(
-                [tf.keras.layers.Dense(u, activation=activation) for u in self.hidden_units]
-                + [tf.keras.layers.Dense(1)],
-                name="activation_unit",
-            )
+            self.score_layers = [
+                tf.keras.layers.Dense(u, activation=activation, name=f"activation_unit_{i}")
+                for i, u in enumerate(self.hidden_units)
+            ] + [tf.keras.layers.Dense(1, name="activation_unit_score")]
 
     def scores(self, query: tf.Tensor, keys: tf.Tensor) -> tf.Tensor:
         """Unmasked attention scores [batch, length]."""
         if self.scoring == "dot":
-            return tf.reduce_sum(keys * tf.expand_dims(query, 1), axis=-1)
-        tiled = tf.broadcast_to(tf.expand_dims(query, 1), tf.shape(keys))
-        features = tf.concat([keys, tiled, keys - tiled, keys * tiled], axis=-1)
-        return tf.squeeze(self.score_mlp(features), axis=-1)
+            # A batched matrix-vector product: no [batch, length, dim] temporary.
+            return tf.squeeze(tf.matmul(keys, tf.expand_dims(query, -1)), axis=-1)
+        return self._activation_unit(query, keys)
+
+    def _activation_unit(self, query, keys):
+        """The MLP over ``[e, q, e - q, e * q]``, its first layer computed without the concat:
+        ``[e, q, e - q, e * q] W = [e, e * q] [[W_e + W_d], [W_p]] + q (W_q - W_d)``, so the
+        query's part is computed once per row instead of once per step (same function, same
+        weights: ``W`` is the first Dense layer's kernel, split in four)."""
+        first, *rest = self.score_layers
+        dim = keys.shape[-1]
+        if not first.built:
+            with tf.init_scope():
+                first.build(tf.TensorShape([None, 4 * dim]))
+        w_key, w_query, w_diff, w_prod = tf.split(tf.cast(first.kernel, keys.dtype), 4, axis=0)
+        query = tf.cast(query, keys.dtype)
+        per_step = tf.concat([keys, keys * tf.expand_dims(query, 1)], axis=-1)
+        hidden = tf.matmul(tf.reshape(per_step, [-1, 2 * dim]),
+                           tf.concat([w_key + w_diff, w_prod], axis=0))
+        per_row = tf.nn.bias_add(tf.matmul(query, w_query - w_diff),
+                                 tf.cast(first.bias, keys.dtype))
+        shape = tf.shape(keys)
+        hidden = tf.reshape(hidden, tf.stack([shape[0], shape[1], -1]))
+        hidden = first.activation(hidden + tf.expand_dims(per_row, 1))
+        for layer in rest:
+            hidden = layer(hidden)
+        return tf.squeeze(hidden, axis=-1)
 
     def call(self, query, keys=None, mask=None, return_weights=False, training=False):
         if isinstance(query, (list, tuple)):
@@ -86,7 +108,7 @@ class TargetAttention(mm.Block):
             weights = tf.where(mask, weights, tf.zeros_like(weights))
         else:
             weights = tf.where(mask, scores, tf.zeros_like(scores))
-        pooled = tf.reduce_sum(tf.expand_dims(weights, -1) * keys, axis=1)
+        pooled = tf.squeeze(tf.matmul(tf.expand_dims(tf.cast(weights, keys.dtype), 1), keys), 1)
         if return_weights:
             return pooled, weights
         return pooled

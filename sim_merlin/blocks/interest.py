@@ -5,6 +5,12 @@ DIEN (Zhou et al., 2019): a GRU over the behaviour sequence extracts interest st
 (``InterestEvolution``); an auxiliary loss teaches each state to predict the next behaviour against
 a sampled one (``AuxiliaryLoss``).
 
+Both recurrent layers run as a loop unrolled over the (static) sequence length, with the input
+projections of all steps done in one matrix product before the loop; only the products with the
+state remain inside it. The arithmetic is that of Keras's ``GRU`` (``reset_after=True``) and of
+``keras.layers.RNN(AUGRUCell)``, whose weights they keep, but the backward pass is about 2x
+faster on CPU than Keras's ``while`` loop (no per-step input matmuls, no loop bookkeeping).
+
 Unlike the reference, padded steps do not change the recurrent state (Keras masking), and the
 auxiliary loss is averaged over valid positions only. ``reference_compatible=True`` restores the
 reference's choices (padding processed as ordinary steps; loss averaged over batch x (length - 1),
@@ -51,6 +57,12 @@ class AUGRUCell(tf.keras.layers.Layer):
         )
         self.candidate = tf.keras.layers.Dense(self.units, activation="tanh", name="candidate")
 
+    def build(self, input_shape):
+        features = int(input_shape[-1]) - 1  # the last column is the attention score
+        self.gates.build([None, features + self.units])
+        self.candidate.build([None, features + self.units])
+        super().build(input_shape)
+
     def call(self, inputs, states):
         state = states[0] if isinstance(states, (list, tuple)) else states
         x, score = tf.split(inputs, [-1, 1], axis=-1)  # not [:, :-1]: slow gradient on CPU
@@ -64,6 +76,78 @@ class AUGRUCell(tf.keras.layers.Layer):
         config = super().get_config()
         config.update(units=self.units)
         return config
+
+
+def _steps(sequence: tf.Tensor) -> int:
+    length = sequence.shape[1]
+    if length is None:
+        raise ValueError("an unrolled recurrence needs a sequence length known at trace time")
+    return int(length)
+
+
+def _project_all_steps(sequence: tf.Tensor, kernel: tf.Tensor, bias=None) -> tf.Tensor:
+    """``sequence @ kernel (+ bias)`` for every step at once: [B, T, F] -> [B, T, N]."""
+    shape = tf.shape(sequence)
+    flat = tf.matmul(tf.reshape(sequence, [-1, sequence.shape[-1]]), kernel)
+    if bias is not None:
+        flat = tf.nn.bias_add(flat, bias)
+    return tf.reshape(flat, tf.concat([shape[:2], [kernel.shape[-1]]], axis=0))
+
+
+def unrolled_gru(sequence, mask, kernel, recurrent_kernel, bias):
+    """Keras ``GRU(return_sequences=True, reset_after=True)`` over [B, T, F] -> [B, T, units].
+
+    ``kernel`` [F, 3u], ``recurrent_kernel`` [u, 3u], ``bias`` [2, 3u] in Keras's layout (gates
+    z, r, h); ``mask`` [B, T] bool or None: a masked step keeps the previous state (and output).
+    """
+    dtype = sequence.dtype
+    kernel, recurrent_kernel, bias = (tf.cast(w, dtype) for w in (kernel, recurrent_kernel, bias))
+    input_bias, recurrent_bias = tf.unstack(bias)
+    projected = tf.unstack(_project_all_steps(sequence, kernel, input_bias), axis=1)
+    masks = tf.unstack(tf.expand_dims(mask, -1), axis=1) if mask is not None else None
+    state = tf.zeros([tf.shape(sequence)[0], recurrent_kernel.shape[0]], dtype)
+    outputs = []
+    for t in range(_steps(sequence)):
+        x_z, x_r, x_h = tf.split(projected[t], 3, axis=-1)
+        inner = tf.nn.bias_add(tf.matmul(state, recurrent_kernel), recurrent_bias)
+        h_z, h_r, h_h = tf.split(inner, 3, axis=-1)
+        update = tf.sigmoid(x_z + h_z)
+        reset = tf.sigmoid(x_r + h_r)
+        candidate = tf.tanh(x_h + reset * h_h)
+        new_state = update * state + (1.0 - update) * candidate
+        state = new_state if masks is None else tf.where(masks[t], new_state, state)
+        outputs.append(state)
+    return tf.stack(outputs, axis=1)
+
+
+def unrolled_augru(sequence, scores, mask, cell: AUGRUCell):
+    """``keras.layers.RNN(cell)`` over ``[sequence | scores]``: the final state [B, units].
+
+    ``sequence`` [B, T, F], ``scores`` [B, T], ``mask`` [B, T] bool or None.
+    """
+    dtype = sequence.dtype
+    features = sequence.shape[-1]
+    if not cell.built:
+        with tf.init_scope():
+            cell.build([None, features + 1])
+    gate_x, gate_s = tf.split(tf.cast(cell.gates.kernel, dtype), [features, cell.units], axis=0)
+    cand_x, cand_s = tf.split(tf.cast(cell.candidate.kernel, dtype), [features, cell.units],
+                              axis=0)
+    bias = tf.concat([cell.gates.bias, cell.candidate.bias], axis=0)
+    projected = _project_all_steps(sequence, tf.concat([gate_x, cand_x], axis=1),
+                                   tf.cast(bias, dtype))
+    projected = tf.unstack(projected, axis=1)
+    scores = tf.unstack(tf.expand_dims(tf.cast(scores, dtype), -1), axis=1)
+    masks = tf.unstack(tf.expand_dims(mask, -1), axis=1) if mask is not None else None
+    state = tf.zeros([tf.shape(sequence)[0], cell.units], dtype)
+    for t in range(_steps(sequence)):
+        x_gates, x_candidate = tf.split(projected[t], [2 * cell.units, cell.units], axis=-1)
+        reset, update = tf.split(tf.sigmoid(x_gates + tf.matmul(state, gate_s)), 2, axis=-1)
+        candidate = tf.tanh(x_candidate + tf.matmul(reset * state, cand_s))
+        update = (1.0 - scores[t]) * update
+        new_state = update * state + (1.0 - update) * candidate
+        state = new_state if masks is None else tf.where(masks[t], new_state, state)
+    return state
 
 
 @tf.keras.utils.register_keras_serializable(package="sim_merlin")
@@ -84,7 +168,14 @@ class InterestExtractor(mm.Block):
         if isinstance(sequence, (list, tuple)):
             sequence, mask = sequence
         sequence, mask = dense_sequence(sequence, mask)
-        return self.gru(sequence, mask=mask if self.use_mask else None, training=training)
+        if sequence.shape[1] is None:  # length unknown when traced: Keras's loop, same weights
+            return self.gru(sequence, mask=mask if self.use_mask else None, training=training)
+        if not self.gru.built:
+            with tf.init_scope():  # variables are created outside any tf.function
+                self.gru.build(tf.TensorShape(sequence.shape))
+        cell = self.gru.cell
+        return unrolled_gru(sequence, tf.cast(mask, tf.bool) if self.use_mask else None,
+                            cell.kernel, cell.recurrent_kernel, cell.bias)
 
     def get_config(self):
         config = super().get_config()
@@ -122,8 +213,16 @@ class InterestEvolution(mm.Block):
         states, mask = dense_sequence(states, mask)
         projected = self.query_projection(query)
         _, weights = self.attention(projected, states, mask, return_weights=True)
-        steps = tf.concat([states, tf.expand_dims(tf.cast(weights, states.dtype), -1)], axis=-1)
-        final = self.augru(steps, mask=mask if self.use_mask else None, training=training)
+        if states.shape[1] is None:  # length unknown when traced: Keras's loop, same weights
+            steps = tf.concat([states, tf.expand_dims(tf.cast(weights, states.dtype), -1)], -1)
+            final = self.augru(steps, mask=mask if self.use_mask else None, training=training)
+            return (final, weights) if return_weights else final
+        if not self.augru.built:
+            shape = tf.TensorShape(states.shape)
+            with tf.init_scope():
+                self.augru.build(shape[:-1].concatenate([shape[-1] + 1]))
+        final = unrolled_augru(states, weights, tf.cast(mask, tf.bool) if self.use_mask else None,
+                               self.augru.cell)
         return (final, weights) if return_weights else final
 
     def get_config(self):
@@ -131,6 +230,12 @@ class InterestEvolution(mm.Block):
         config.update(units=self.units, attention_units=list(self.attention_units),
                       use_mask=self.use_mask)
         return config
+
+
+def _dense_apply(x: tf.Tensor, kernel: tf.Tensor) -> tf.Tensor:
+    """``x @ kernel`` over the last axis of an [..., in] tensor, as one 2-D product."""
+    flat = tf.matmul(tf.reshape(x, [-1, x.shape[-1]]), kernel)
+    return tf.reshape(flat, tf.concat([tf.shape(x)[:-1], [kernel.shape[-1]]], axis=0))
 
 
 @tf.keras.utils.register_keras_serializable(package="sim_merlin")
@@ -159,27 +264,39 @@ class AuxiliaryLoss(mm.Block):
         self.dropout = tf.keras.layers.Dropout(self.dropout_rate) if self.dropout_rate > 0 else None
         self.scorer_layers.append(tf.keras.layers.Dense(1, dtype="float32", name="auxiliary_logit"))
 
-    def logits(self, states, behaviours, training=False):
-        """[batch, length - 1] scores of (state_t, behaviour_{t+1})."""
+    def logits(self, states, positive, negative, training=False):
+        """[batch, length - 1] scores of (state_t, positive_{t+1}) and of (state_t,
+        negative_{t+1}). The first layer's product with the state, shared by the two pairs, is
+        computed once: ``[s, b] W = s W_s + b W_b``."""
         # tf.split, not states[:, :-1] / behaviours[:, 1:]: the gradient of a strided slice is
         # slow on CPU (StridedSliceGrad), that of a split is a concatenation.
         length = tf.shape(states)[1]
         earlier, _ = tf.split(states, tf.stack([length - 1, 1]), axis=1, num=2)
-        _, later = tf.split(tf.cast(behaviours, states.dtype), tf.stack([1, length - 1]), axis=1,
-                            num=2)
-        x = tf.concat([earlier, later], axis=-1)
-        for layer in self.scorer_layers[:-1]:
+        later = [tf.split(tf.cast(b, states.dtype), tf.stack([1, length - 1]), axis=1, num=2)[1]
+                 for b in (positive, negative)]
+        first, *hidden_layers = self.scorer_layers[:-1]
+        state_dim = states.shape[-1]
+        if not first.built:
+            with tf.init_scope():
+                first.build(tf.TensorShape([None, state_dim + later[0].shape[-1]]))
+        w_state, w_behaviour = tf.split(tf.cast(first.kernel, states.dtype),
+                                        [state_dim, -1], axis=0)
+        shared = tf.nn.bias_add(_dense_apply(earlier, w_state), tf.cast(first.bias, states.dtype))
+        behaviours = tf.stack(later)  # [2, batch, length - 1, dim]: one product for both
+        x = first.activation(tf.expand_dims(shared, 0) + _dense_apply(behaviours, w_behaviour))
+        for layer in hidden_layers:
             x = layer(x)
         if self.dropout is not None:
             x = self.dropout(x, training=training)
-        return tf.squeeze(self.scorer_layers[-1](x), axis=-1)
+        click, no_click = tf.unstack(tf.squeeze(self.scorer_layers[-1](x), axis=-1))
+        return click, no_click
 
     def call(self, states, positive=None, negative=None, mask=None, training=False):
         if isinstance(states, (list, tuple)):
             states, positive, negative, mask = states
         mask = tf.cast(mask, tf.float32)
-        click = tf.cast(self.logits(states, positive, training), tf.float32)
-        no_click = tf.cast(self.logits(states, negative, training), tf.float32)
+        click, no_click = (tf.cast(z, tf.float32)
+                           for z in self.logits(states, positive, negative, training))
         if self.reference_compatible:
             p_click = tf.sigmoid(click) + 1e-6
             p_no_click = tf.sigmoid(no_click) + 1e-6

@@ -76,6 +76,22 @@ class GeneralSearchUnit(mm.Block):
         lowest = tf.constant(keys.dtype.min, keys.dtype)
         return tf.where(valid, keys, lowest), valid
 
+    def selection_mask(self, query, history, mask, target_category=None,
+                       history_categories=None) -> tf.Tensor:
+        """The selection as a mask over ``history``'s positions [batch, length] (bool): True
+        where a behaviour is among the ``top_k`` selected. For a consumer that does not care
+        about the order of the selection (SIM's ESU: attention and mean are the same for any
+        order), this avoids gathering the selected embeddings; the gradient of that gather is a
+        scatter, single-threaded on CPU."""
+        history, mask = dense_sequence(history, mask)
+        if isinstance(history_categories, tf.RaggedTensor):
+            history_categories, _ = dense_sequence(history_categories)
+        keys, valid = self.relevance(query, history, mask, target_category, history_categories)
+        length = tf.shape(history)[1]
+        _, indices = tf.math.top_k(tf.stop_gradient(keys), k=tf.minimum(self.top_k, length))
+        picked = tf.reduce_max(tf.one_hot(indices, length, dtype=tf.int8), axis=1) > 0
+        return tf.logical_and(picked, valid)
+
     def call(self, query, history=None, mask=None, target_category=None,
              history_categories=None, return_indices=False, training=False):
         if isinstance(query, (list, tuple)):

@@ -94,22 +94,25 @@ class SIMBlock(SchemaConfigMixin, mm.Block):
 
     def forward(self, inputs, training=False) -> dict:
         """All intermediate results: ``stage_one`` and ``stage_two`` logits [batch, 1], the
-        embedded inputs ``embedded``, the ESU ``selection`` mask and the interest ``states``."""
+        embedded inputs ``embedded``, the GSU's ``selection`` as a mask over the long history
+        [batch, long length] and the interest ``states``."""
         e = self.embeddings(inputs)
         user, target = e["user"], e["target"]
         pooled = self.long_attention(target, e["long"], e["long_mask"])
         stage_one = self.stage_one(tf.concat([target, pooled, user], axis=-1), training=training)
-        selected, selected_mask = self.search(
+        # The ESU is order-free (attention and mean over a set): it reads the GSU's choice as a
+        # mask over the long history, the same result as over the gathered top_k behaviours.
+        selection = self.search.selection_mask(
             target, e["long"], e["long_mask"],
             target_category=e["target_search_key"], history_categories=e["long_search_keys"],
         )
-        exact = self.exact_search(target, selected, selected_mask)
+        exact = self.exact_search(target, e["long"], selection)
         states = self.extractor(e["short"], e["short_mask"], training=training)
         interest = self.evolution(target, states, e["short_mask"], training=training)
         stage_two = self.stage_two(tf.concat([exact, target, interest, user], axis=-1),
                                    training=training)
         return {"stage_one": stage_one, "stage_two": stage_two, "embedded": e,
-                "selection": selected_mask, "states": states}
+                "selection": selection, "states": states}
 
     def loss_terms(self, inputs, labels, training=False) -> dict:
         """The prediction ``logit`` [batch, 1] and the loss as the reference logs it:

@@ -116,9 +116,8 @@ class Trainer:
         elif self.sparse_as_dense:
             gradients = [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g
                          for g in gradients]
-        else:
-            gradients = [sum_duplicates(g, v.shape[0]) if isinstance(g, tf.IndexedSlices) else g
-                         for g, v in zip(gradients, self.model.trainable_variables)]
+        # Sparse gradients go to the optimizer as they are: ours sum duplicate rows in their own
+        # update (sim_merlin.training.optimizers).
         self.optimizer.apply_gradients(zip(gradients, self.model.trainable_variables))
         return losses
 
@@ -139,22 +138,6 @@ class Trainer:
             raise ValueError(f"{len(labels)} of {len(logits)} batches have labels: either all "
                              "batches carry labels or none does")
         return np.concatenate(logits), (np.concatenate(labels) if labels else None)
-
-
-def sum_duplicates(gradient: tf.IndexedSlices, rows: int | None = None) -> tf.IndexedSlices:
-    """``gradient`` with each row index once, its values summed: what the Keras optimizer does
-    itself before it applies a sparse gradient (``tf.unique`` + ``unsorted_segment_sum``: same
-    indices in the same order, same sums in the same order), but about 3x faster on CPU, where
-    ``UnsortedSegmentSum`` handles one row at a time; ``ScatterNd`` does not. The optimizer's own
-    pass then finds nothing to merge. ``rows``: the variable's row count, if known; below 2**31
-    the indices are handled as int32 (``tf.unique`` is several times faster on int32)."""
-    indices = gradient.indices
-    if indices.dtype == tf.int64 and rows is not None and rows < 2**31:
-        indices = tf.cast(indices, tf.int32)
-    unique, positions = tf.unique(indices)
-    values = tf.scatter_nd(tf.expand_dims(positions, 1), gradient.values,
-                           tf.concat([tf.shape(unique), tf.shape(gradient.values)[1:]], axis=0))
-    return tf.IndexedSlices(values, unique, gradient.dense_shape)
 
 
 def binary_cross_entropy(labels: np.ndarray, logits: np.ndarray) -> float:

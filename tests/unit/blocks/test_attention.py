@@ -46,7 +46,7 @@ def test_din_activation_unit_matches_numpy():
     query, keys, mask, _ = _batch(1)
     layer = TargetAttention("din", normalize=False, hidden_units=(6, 3))
     pooled, weights = layer(query, keys, mask, return_weights=True)
-    dense = layer.score_mlp.layers
+    dense = layer.score_layers
     sigmoid = lambda x: 1 / (1 + np.exp(-x))
 
     def score(q, k):

@@ -122,3 +122,43 @@ def test_blocks_round_trip_through_keras_serialization(layer):
     revived = tf.keras.layers.deserialize(tf.keras.layers.serialize(layer))
     assert type(revived) is type(layer)
     assert revived.get_config() == layer.get_config()
+
+
+@pytest.mark.parametrize("use_mask", [True, False])
+def test_unrolled_recurrences_match_keras_values_and_gradients(use_mask):
+    """The unrolled GRU and AUGRU compute what Keras's GRU and RNN(AUGRUCell) compute, with
+    the same weights, forward and backward."""
+    rng = np.random.default_rng(7)
+    sequence = tf.constant(rng.normal(size=(4, 6, 3)).astype(np.float32))
+    scores = tf.constant(rng.uniform(size=(4, 6)).astype(np.float32))
+    mask = tf.constant(np.array([[0, 0, 1, 1, 1, 1], [1] * 6, [1, 0, 1, 0, 1, 1], [0] * 6], bool))
+    keras_mask = mask if use_mask else None
+
+    extractor = InterestExtractor(5, use_mask=use_mask)
+    keras_gru = tf.keras.layers.GRU(5, return_sequences=True)
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(sequence)
+        ours = extractor(sequence, mask)
+        keras_gru(sequence)
+        keras_gru.set_weights(extractor.gru.get_weights())
+        theirs = keras_gru(sequence, mask=keras_mask)
+        loss_ours = tf.reduce_sum(ours * tf.range(5.0))
+        loss_theirs = tf.reduce_sum(theirs * tf.range(5.0))
+    np.testing.assert_allclose(ours.numpy(), theirs.numpy(), rtol=1e-5, atol=1e-6)
+    for a, b in zip(tape.gradient(loss_ours, [sequence, *extractor.trainable_variables]),
+                    tape.gradient(loss_theirs, [sequence, *keras_gru.trainable_variables])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+    cell = AUGRUCell(5)
+    rnn = tf.keras.layers.RNN(cell)
+    from sim_merlin.blocks.interest import unrolled_augru
+
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch([sequence, scores])
+        theirs = rnn(tf.concat([sequence, scores[..., None]], -1), mask=keras_mask)
+        ours = unrolled_augru(sequence, scores, mask if use_mask else None, cell)
+        loss_ours, loss_theirs = tf.reduce_sum(ours ** 2), tf.reduce_sum(theirs ** 2)
+    np.testing.assert_allclose(ours.numpy(), theirs.numpy(), rtol=1e-5, atol=1e-6)
+    wrt = [sequence, scores, *cell.trainable_variables]
+    for a, b in zip(tape.gradient(loss_ours, wrt), tape.gradient(loss_theirs, wrt)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)

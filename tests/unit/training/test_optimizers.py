@@ -290,12 +290,12 @@ def test_sgd_weight_decay_like_addons_sgdw(rng, gradient_kind):
 
 def test_build_optimizer_types_and_hyperparameters():
     adam = build_optimizer("adam", learning_rate=0.003)
-    assert type(adam) is tf.keras.optimizers.Adam
+    assert isinstance(adam, tf.keras.optimizers.Adam)  # ours: same slots, fused update
     assert (adam.beta_1, adam.beta_2, adam.epsilon) == (BETA_1, BETA_2, EPSILON)
     assert float(adam.learning_rate) == pytest.approx(0.003)
     assert adam.weight_decay is None
     sgd = build_optimizer("sgd", learning_rate=0.5)
-    assert type(sgd) is tf.keras.optimizers.SGD
+    assert isinstance(sgd, tf.keras.optimizers.SGD)
     assert sgd.momentum == 0.0 and not sgd.nesterov
     assert set(OPTIMIZERS) == {"adam", "lazy_adam", "sgd"}
 
@@ -314,3 +314,25 @@ def test_build_optimizer_types_and_hyperparameters():
 def test_build_optimizer_rejects_invalid_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         build_optimizer(**kwargs)
+
+
+def test_adam_updates_mixed_precision_variables_and_matches_keras_adam(rng):
+    """Under a mixed policy a layer's weights are AutoCastVariables: the fused update must reach
+    the float32 variable underneath, and give Keras Adam's result."""
+    start = rng.normal(size=(5, 3)).astype(np.float32)
+    tf.keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        layer = tf.keras.layers.Dense(3, use_bias=False)
+        layer.build([None, 5])
+    finally:
+        tf.keras.mixed_precision.set_global_policy("float32")
+    layer.kernel.assign(start)
+    twin = tf.Variable(start)
+    ours, keras = build_optimizer("adam", 0.01), tf.keras.optimizers.Adam(0.01, epsilon=1e-7)
+    for _ in range(3):
+        gradient = tf.constant(rng.normal(size=(5, 3)).astype(np.float32))
+        ours.apply_gradients([(gradient, layer.kernel)])
+        keras.apply_gradients([(gradient, twin)])
+    assert layer.kernel.dtype == tf.float32
+    np.testing.assert_allclose(layer.kernel.numpy(), twin.numpy(), rtol=1e-6, atol=1e-7)
+    assert not np.allclose(layer.kernel.numpy(), start)

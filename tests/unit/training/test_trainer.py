@@ -247,7 +247,8 @@ def test_xla_gives_the_same_losses_from_the_same_weights(run, schema, batch, res
 
 def test_sparse_as_dense_densifies_the_embedding_gradients(schema):
     """With two alternating batches LazyAdam differs from Adam; densified gradients make LazyAdam
-    plain Adam, so ``sparse_as_dense`` must reproduce Adam exactly."""
+    plain Adam, so ``sparse_as_dense`` must reproduce Adam (to float rounding: our ``adam`` is
+    one fused kernel, LazyAdam's dense path Keras's separate ops)."""
     batches = [make_batch(1), make_batch(2), make_batch(1)]
     tf.keras.utils.set_random_seed(5)
     reference = DINModel(schema, embedding_dim=4, short_length=2, mlp_dims=(8,))
@@ -267,7 +268,7 @@ def test_sparse_as_dense_densifies_the_embedding_gradients(schema):
     dense_lazy = train("lazy_adam", True)
     lazy = train("lazy_adam", False)
     for a, b in zip(adam, dense_lazy):
-        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     assert any(not np.allclose(a, b, rtol=1e-4) for a, b in zip(adam, lazy))
 
 

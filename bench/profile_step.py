@@ -1,0 +1,117 @@
+#!/usr/bin/env python
+"""Where a training step's time goes: TensorFlow profiler, op time by type and by layer.
+
+    .venv/bin/python bench/profile_step.py --model_type sim --global_batch_size 4096 [--amp]
+
+Builds the model exactly as ``python -m sim_merlin.fit`` does (same options), takes one batch of
+the Books-size benchmark data (``bench/books_size_data.py``) into memory, runs a few warm-up
+steps, then profiles ``--steps`` training steps with ``tf.profiler`` and sums the op times it
+recorded (all threads) by op type and by the model scope an op belongs to. Prints two tables and
+writes ``--json``. The wall time per step is printed too: op time exceeds it when ops run
+in parallel on both cores.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+
+def op_times(logdir: str) -> tuple[dict, dict]:
+    """(seconds by op type, by scope, by op) from the profiler's xplane files under logdir."""
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    by_type, by_scope, by_op = collections.Counter(), collections.Counter(), collections.Counter()
+    for path in glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True):
+        space = xplane_pb2.XSpace()
+        space.ParseFromString(Path(path).read_bytes())
+        for plane in space.planes:
+            if plane.name != "/host:CPU":
+                continue
+            metadata = plane.event_metadata
+            for line in plane.lines:
+                if not line.name.startswith("tf_") and "Executor" not in line.name:
+                    pass
+                for event in line.events:
+                    name = metadata[event.metadata_id].name
+                    if ":" not in name or name.startswith(("tf_", "Executor", "__inference",
+                                                           "EagerLocalExecute", "KernelAndDevice")):
+                        continue
+                    scope, kind = name.rsplit(":", 1)
+                    seconds = event.duration_ps * 1e-12
+                    by_type[kind] += seconds
+                    parts = [p for p in scope.split("/") if p and not p.startswith("while")]
+                    key = "/".join(parts[:3]) if parts else scope
+                    by_scope[key] += seconds
+                    by_op[name] += seconds
+    return dict(by_type), dict(by_scope), dict(by_op)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=Path("/tmp/sim-merlin-bench/books-size"))
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "profile.json")
+    args, fit_args = parser.parse_known_args(argv)
+
+    import books_size_data
+    from sim_merlin.environment import quiet_merlin_notices
+
+    quiet_merlin_notices()
+    books_size_data.write(args.data, 524_288, 131_072)
+    from sim_merlin import fit
+
+    fit_options = fit.build_parser().parse_args(
+        ["--dataset_dir", str(args.data), "--seed", "1", "--progress", "off", *fit_args])
+    run = fit.Run(fit_options)
+    train = run.split("train")
+    trainer = run.build(train.schema, run._first_features(train))
+    loader = train.loader(run.local_batch)
+    features, labels = next(iter(loader))
+    loader.stop()
+    import tensorflow as tf
+
+    for _ in range(args.warmup):
+        trainer.train_step(features, labels)["total_loss"].numpy()
+    started = time.perf_counter()
+    for _ in range(args.steps):
+        trainer.train_step(features, labels)["total_loss"].numpy()
+    wall = (time.perf_counter() - started) / args.steps
+    logdir = tempfile.mkdtemp(prefix="sim-profile-")
+    tf.profiler.experimental.start(logdir)
+    for _ in range(args.steps):
+        trainer.train_step(features, labels)["total_loss"].numpy()
+    tf.profiler.experimental.stop()
+    by_type, by_scope, by_op = op_times(logdir)
+    total = sum(by_type.values())
+    batch = int(labels.shape[0])
+    print(f"wall {1000 * wall:.1f} ms/step ({batch / wall:,.0f} samples/s); "
+          f"op time {1000 * total / args.steps:.1f} ms/step")
+    for title, table in (("op type", by_type), ("scope", by_scope), ("op", by_op)):
+        print(f"\n{title:<60} {'ms/step':>9} {'share':>7}")
+        for name, seconds in sorted(table.items(), key=lambda kv: -kv[1])[:args.top]:
+            print(f"{name[-60:]:<60} {1000 * seconds / args.steps:9.1f} {seconds / total:7.1%}")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({
+        "options": fit_args, "batch": batch, "wall_ms_per_step": 1000 * wall,
+        "op_ms_per_step_by_type": {k: 1000 * v / args.steps for k, v in by_type.items()},
+        "op_ms_per_step_by_scope": {k: 1000 * v / args.steps for k, v in by_scope.items()},
+        "op_ms_per_step": {k: 1000 * v / args.steps for k, v in by_op.items()},
+    }, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
