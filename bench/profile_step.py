@@ -57,6 +57,31 @@ def op_times(logdir: str) -> tuple[dict, dict]:
     return dict(by_type), dict(by_scope), dict(by_op)
 
 
+ELEMENTWISE = {"Mul", "AddV2", "Sub", "SelectV2", "Sigmoid", "Tanh", "SigmoidGrad", "TanhGrad",
+               "Neg", "Sum", "BiasAddGrad", "BiasAdd", "Softmax", "_MklSoftmax", "RealDiv",
+               "Maximum", "Max", "Exp", "Log1p", "Softplus", "AddN", "Relu", "ReluGrad"}
+MOVEMENT = {"ConcatV2", "Slice", "Split", "SplitV", "Pack", "Unpack", "_MklTranspose", "Tile",
+            "Transpose", "Reshape", "StridedSlice", "StridedSliceGrad", "Cast", "OneHot",
+            "TopKV2", "Fill"}
+LOOKUPS = {"UnsortedSegmentSum", "ResourceGather", "GatherV2", "ScatterNd"}
+
+
+def group_of(op: str) -> str:
+    """A coarse kind of work for one op name ``scope:type``."""
+    kind = op.rsplit(":", 1)[1]
+    if "Adam" in op or "SGD" in op:
+        return "optimizer update (incl. summing sparse rows)"
+    if "MatMul" in kind:
+        return "matrix products"
+    if kind in LOOKUPS:
+        return "embedding lookups, gathers and their gradients"
+    if kind in ELEMENTWISE:
+        return "element-wise ops and reductions"
+    if kind in MOVEMENT:
+        return "data movement (concat, split, stack, transpose, cast, top-k)"
+    return "other"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=Path("/tmp/sim-merlin-bench/books-size"))
@@ -99,13 +124,18 @@ def main(argv=None) -> int:
     batch = int(labels.shape[0])
     print(f"wall {1000 * wall:.1f} ms/step ({batch / wall:,.0f} samples/s); "
           f"op time {1000 * total / args.steps:.1f} ms/step")
-    for title, table in (("op type", by_type), ("scope", by_scope), ("op", by_op)):
+    by_group = collections.Counter()
+    for name, seconds in by_op.items():
+        by_group[group_of(name)] += seconds
+    for title, table in (("kind of work", by_group), ("op type", by_type), ("scope", by_scope),
+                         ("op", by_op)):
         print(f"\n{title:<60} {'ms/step':>9} {'share':>7}")
         for name, seconds in sorted(table.items(), key=lambda kv: -kv[1])[:args.top]:
             print(f"{name[-60:]:<60} {1000 * seconds / args.steps:9.1f} {seconds / total:7.1%}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({
         "options": fit_args, "batch": batch, "wall_ms_per_step": 1000 * wall,
+        "op_ms_per_step_by_group": {k: 1000 * v / args.steps for k, v in by_group.items()},
         "op_ms_per_step_by_type": {k: 1000 * v / args.steps for k, v in by_type.items()},
         "op_ms_per_step_by_scope": {k: 1000 * v / args.steps for k, v in by_scope.items()},
         "op_ms_per_step": {k: 1000 * v / args.steps for k, v in by_op.items()},

@@ -89,9 +89,12 @@ class TargetAttention(mm.Block):
         shape = tf.shape(keys)
         hidden = tf.reshape(hidden, tf.stack([shape[0], shape[1], -1]))
         hidden = first.activation(hidden + tf.expand_dims(per_row, 1))
+        # The other layers on a 2-D [batch * length, units] input: product, bias and activation
+        # then run as one fused oneDNN kernel (Keras's 3-D path, tensordot, does not fuse).
+        hidden = tf.reshape(hidden, [-1, hidden.shape[-1]])
         for layer in rest:
             hidden = layer(hidden)
-        return tf.squeeze(hidden, axis=-1)
+        return tf.reshape(hidden, shape[:2])
 
     def call(self, query, keys=None, mask=None, return_weights=False, training=False):
         if isinstance(query, (list, tuple)):

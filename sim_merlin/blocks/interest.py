@@ -284,11 +284,13 @@ class AuxiliaryLoss(mm.Block):
         shared = tf.nn.bias_add(_dense_apply(earlier, w_state), tf.cast(first.bias, states.dtype))
         behaviours = tf.stack(later)  # [2, batch, length - 1, dim]: one product for both
         x = first.activation(tf.expand_dims(shared, 0) + _dense_apply(behaviours, w_behaviour))
+        shape = tf.shape(x)[:-1]
+        x = tf.reshape(x, [-1, x.shape[-1]])  # 2-D: product, bias, activation fuse (oneDNN)
         for layer in hidden_layers:
             x = layer(x)
         if self.dropout is not None:
             x = self.dropout(x, training=training)
-        click, no_click = tf.unstack(tf.squeeze(self.scorer_layers[-1](x), axis=-1))
+        click, no_click = tf.unstack(tf.reshape(self.scorer_layers[-1](x), shape))
         return click, no_click
 
     def call(self, states, positive=None, negative=None, mask=None, training=False):
