@@ -7,8 +7,9 @@ Reads the training split of the Books-size data (``bench/books_size_data.py``) w
 ``python -m sim_merlin.fit`` trains from (``sim_merlin.training.data``: Merlin's TensorFlow
 dataloader, shuffled, fixed-length history lists stacked with numpy), one pass per repeat, and
 touches every tensor (so lazily-produced batches are counted). Reports samples/s (median of
-``--repeats`` passes) next to the training throughput in ``bench/results/train.json`` when it
-exists: the loader must be well ahead of training, since both share the CPU. Writes ``--json``.
+``--repeats`` passes) next to the fastest training throughput in
+``bench/results/train*.json``, if any: the loader must be well ahead of training, since both
+share the CPU. Writes ``--json``.
 """
 from __future__ import annotations
 
@@ -52,8 +53,7 @@ def main(argv=None) -> int:
     quiet_merlin_notices()
     split = open_split(args.data / "train")
     training = {}
-    train_json = ROOT / "bench" / "results" / "train.json"
-    if train_json.exists():
+    for train_json in sorted((ROOT / "bench" / "results").glob("train*.json")):
         for r in json.loads(train_json.read_text())["results"]:
             key = r["batch"]
             training[key] = max(training.get(key, 0.0), r["throughput_median"])

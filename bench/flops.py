@@ -50,9 +50,16 @@ def forward_flops(model_type: str, embedding_dim: int = 16, item_features: int =
         parts["auxiliary"] = (s - 1) * 2 * (h * a1 + 2 * (d * a1 + a1 * a2 + a2))
 
     if model_type == "din":
-        parts["attention"] = 2 * 2 * history * d
+        if reference_compatible:  # the reference's dot-product attention
+            parts["attention"] = 2 * 2 * history * d
+        else:  # DIN's activation unit over every step (first layer split: 2d inputs per step)
+            a1, a2 = attention_units
+            parts["attention"] = (2 * d * a1 + history * 2 * (2 * d * a1 + a1 * a2 + a2)
+                                  + 2 * history * d)
         parts["mlp"] = _mlp(2 * d + u, stage_two)
     elif model_type == "dien":
+        if not reference_compatible:  # ours runs over the whole history, the reference's the short
+            s = history
         recurrent()
         parts["mlp"] = _mlp(d + h + u, stage_two)
     elif model_type == "sim":
@@ -103,7 +110,12 @@ def main(argv=None) -> int:
     for name, model, options in (("SIM", "sim", {}),
                                  ("SIM reference-compatible", "sim",
                                   {"reference_compatible": True}),
-                                 ("DIN", "din", {}), ("DIEN", "dien", {})):
+                                 ("DIN", "din", {}),
+                                 ("DIN reference-compatible", "din",
+                                  {"reference_compatible": True}),
+                                 ("DIEN", "dien", {}),
+                                 ("DIEN reference-compatible", "dien",
+                                  {"reference_compatible": True})):
         parts = forward_flops(model, **options)
         forward = sum(parts.values())
         payload["models"][name] = {"forward": forward, "training": 3 * forward, "parts": parts}

@@ -19,6 +19,7 @@ import books_size_data
 from common import ROOT, median_of, print_table, run_fit, write_json
 
 CONFIGS = {"fp32": [], "amp+xla": ["--amp", "--xla"], "amp": ["--amp"], "xla": ["--xla"],
+           "ref-compatible amp": ["--reference_compatible", "--amp"],
            "ref-compatible amp+xla": ["--reference_compatible", "--amp", "--xla"]}
 
 

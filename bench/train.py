@@ -27,6 +27,7 @@ CONFIGS = {
     "fp32": [],
     "amp": ["--amp"],
     "amp+xla": ["--amp", "--xla"],
+    "ref-compatible amp": ["--reference_compatible", "--amp"],
     "ref-compatible amp+xla": ["--reference_compatible", "--amp", "--xla"],
     "ref-compatible fp32": ["--reference_compatible"],
 }
@@ -87,6 +88,8 @@ def main(argv=None) -> int:
                     "test_auc_1_epoch": auc,
                 }
                 results.append(result)
+                write_json(args.json, {"command": " ".join(sys.argv), "repeats": args.repeats,
+                                       "peak_flops": peak, "results": results})
                 spread = [r["throughput"] for r in runs]
                 rows.append([model, config, batch, throughput,
                              f"{min(spread):,.0f}-{max(spread):,.0f}",

@@ -8,8 +8,9 @@ a sampled one (``AuxiliaryLoss``).
 Both recurrent layers run as a loop unrolled over the (static) sequence length, with the input
 projections of all steps done in one matrix product before the loop; only the products with the
 state remain inside it. The arithmetic is that of Keras's ``GRU`` (``reset_after=True``) and of
-``keras.layers.RNN(AUGRUCell)``, whose weights they keep, but the backward pass is about 2x
-faster on CPU than Keras's ``while`` loop (no per-step input matmuls, no loop bookkeeping).
+``keras.layers.RNN(AUGRUCell)``, whose weights they keep, with fewer and larger matrix products
+than Keras's ``while`` loop and no loop bookkeeping (tests compare values and gradients). A
+sequence whose length is unknown when the model is traced falls back to Keras's loop.
 
 Unlike the reference, padded steps do not change the recurrent state (Keras masking), and the
 auxiliary loss is averaged over valid positions only. ``reference_compatible=True`` restores the
