@@ -86,13 +86,13 @@ def _steps(sequence: tf.Tensor) -> int:
     return int(length)
 
 
-def _project_all_steps(sequence: tf.Tensor, kernel: tf.Tensor, bias=None) -> tf.Tensor:
-    """``sequence @ kernel (+ bias)`` for every step at once: [B, T, F] -> [B, T, N]."""
-    shape = tf.shape(sequence)
-    flat = tf.matmul(tf.reshape(sequence, [-1, sequence.shape[-1]]), kernel)
+def _dense_apply(x: tf.Tensor, kernel: tf.Tensor, bias=None) -> tf.Tensor:
+    """``x @ kernel (+ bias)`` over the last axis of an [..., in] tensor as one 2-D product
+    (every step of a sequence at once)."""
+    flat = tf.matmul(tf.reshape(x, [-1, x.shape[-1]]), kernel)
     if bias is not None:
         flat = tf.nn.bias_add(flat, bias)
-    return tf.reshape(flat, tf.concat([shape[:2], [kernel.shape[-1]]], axis=0))
+    return tf.reshape(flat, tf.concat([tf.shape(x)[:-1], [kernel.shape[-1]]], axis=0))
 
 
 def unrolled_gru(sequence, mask, kernel, recurrent_kernel, bias):
@@ -104,7 +104,7 @@ def unrolled_gru(sequence, mask, kernel, recurrent_kernel, bias):
     dtype = sequence.dtype
     kernel, recurrent_kernel, bias = (tf.cast(w, dtype) for w in (kernel, recurrent_kernel, bias))
     input_bias, recurrent_bias = tf.unstack(bias)
-    projected = tf.unstack(_project_all_steps(sequence, kernel, input_bias), axis=1)
+    projected = tf.unstack(_dense_apply(sequence, kernel, input_bias), axis=1)
     masks = tf.unstack(tf.expand_dims(mask, -1), axis=1) if mask is not None else None
     state = tf.zeros([tf.shape(sequence)[0], recurrent_kernel.shape[0]], dtype)
     outputs = []
@@ -135,7 +135,7 @@ def unrolled_augru(sequence, scores, mask, cell: AUGRUCell):
     cand_x, cand_s = tf.split(tf.cast(cell.candidate.kernel, dtype), [features, cell.units],
                               axis=0)
     bias = tf.concat([cell.gates.bias, cell.candidate.bias], axis=0)
-    projected = _project_all_steps(sequence, tf.concat([gate_x, cand_x], axis=1),
+    projected = _dense_apply(sequence, tf.concat([gate_x, cand_x], axis=1),
                                    tf.cast(bias, dtype))
     projected = tf.unstack(projected, axis=1)
     scores = tf.unstack(tf.expand_dims(tf.cast(scores, dtype), -1), axis=1)
@@ -233,12 +233,6 @@ class InterestEvolution(mm.Block):
         return config
 
 
-def _dense_apply(x: tf.Tensor, kernel: tf.Tensor) -> tf.Tensor:
-    """``x @ kernel`` over the last axis of an [..., in] tensor, as one 2-D product."""
-    flat = tf.matmul(tf.reshape(x, [-1, x.shape[-1]]), kernel)
-    return tf.reshape(flat, tf.concat([tf.shape(x)[:-1], [kernel.shape[-1]]], axis=0))
-
-
 @tf.keras.utils.register_keras_serializable(package="sim_merlin")
 class AuxiliaryLoss(mm.Block):
     """DIEN's auxiliary loss: interest state t must tell behaviour t+1 from a sampled one.
@@ -282,7 +276,7 @@ class AuxiliaryLoss(mm.Block):
                 first.build(tf.TensorShape([None, state_dim + later[0].shape[-1]]))
         w_state, w_behaviour = tf.split(tf.cast(first.kernel, states.dtype),
                                         [state_dim, -1], axis=0)
-        shared = tf.nn.bias_add(_dense_apply(earlier, w_state), tf.cast(first.bias, states.dtype))
+        shared = _dense_apply(earlier, w_state, tf.cast(first.bias, states.dtype))
         behaviours = tf.stack(later)  # [2, batch, length - 1, dim]: one product for both
         x = first.activation(tf.expand_dims(shared, 0) + _dense_apply(behaviours, w_behaviour))
         shape = tf.shape(x)[:-1]
