@@ -30,6 +30,8 @@ CONFIGS = {
     "ref-compatible amp": ["--reference_compatible", "--amp"],
     "ref-compatible amp+xla": ["--reference_compatible", "--amp", "--xla"],
     "ref-compatible fp32": ["--reference_compatible"],
+    "ref-compatible amp deterministic": ["--reference_compatible", "--amp", "--deterministic"],
+    "ref-compatible amp intra1": ["--reference_compatible", "--amp", "--intra_op_parallelism", "1"],
 }
 
 

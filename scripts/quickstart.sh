@@ -15,5 +15,5 @@ echo "== 2/3 preprocessing with NVTabular into data/processed"
   --meta data/raw/meta_Books.json --output data/processed --overwrite
 echo "== 3/3 training and evaluating SIM on it (results/quickstart: log, checkpoint, SavedModel)"
 .venv/bin/python -m sim_merlin.fit --dataset_dir data/processed --results_dir results/quickstart \
-  --global_batch_size 4096 --epochs 2 --seed 1 --no_train_eval \
+  --global_batch_size 4096 --epochs 2 --seed 1 --no_train_eval --overwrite \
   --save_checkpoint_path results/quickstart/checkpoints --export_dir results/quickstart/saved_model

@@ -13,6 +13,7 @@ Example (on the built-in data, after ``scripts/quickstart.sh``)::
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import math
 import os
@@ -111,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="decoupled, per step, not scaled by lr (as tfa's AdamW/SGDW)")
     train.add_argument("--epochs", type=int, default=3)
     train.add_argument("--seed", type=int, default=-1, help="-1: a random seed (logged)")
+    train.add_argument("--deterministic", action="store_true",
+                       help="deterministic ops (TensorFlow's op determinism) and one intra-op "
+                            "thread: with the same --seed, identical losses and weights run "
+                            "after run (on CPU; slower, see the README)")
     train.add_argument("--amp", action="store_true",
                        help="mixed precision: float16 with loss scaling on GPUs, bfloat16 on "
                             "CPUs (see --amp_dtype)")
@@ -136,6 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="checkpoint directory (latest) or prefix to start from; resumes at "
                            "the epoch after the saved one")
     ckpt.add_argument("--keep_checkpoints", type=int, default=1, help="keep the last N")
+    ckpt.add_argument("--overwrite", action="store_true",
+                      help="replace an existing --export_dir or --predict_output, and start "
+                           "over in a --save_checkpoint_path that holds another run's "
+                           "checkpoints (otherwise refused)")
     ckpt.add_argument("--export_dir", default="",
                       help="write a SavedModel here (after training, or in --mode export)")
     ckpt.add_argument("--predict_input", default="",
@@ -172,9 +181,11 @@ def main(argv=None) -> int:
 
     quiet_merlin_notices()
     args = build_parser().parse_args(argv)
+    from sim_merlin.training.data import DatasetError
+
     try:
         return Run(args).run()
-    except FitError as error:
+    except (FitError, DatasetError) as error:  # DatasetError: bad values met while reading
         print(f"sim_merlin.fit: error: {error}", file=sys.stderr)
         return 2
 
@@ -185,6 +196,7 @@ class Run:
     def __init__(self, args):
         self.args = args
         _check_options(args)
+        _check_outputs(args)
         from sim_merlin.training.distributed import Distributed
 
         self.dist = Distributed.create(use_horovod={"auto": "auto", "on": True,
@@ -211,7 +223,13 @@ class Run:
             gpu = gpus[self.dist.local_rank % len(gpus)]
             tf.config.experimental.set_memory_growth(gpu, True)
             tf.config.set_visible_devices(gpu, "GPU")
-        if self.args.intra_op_parallelism:
+        if self.args.deterministic:
+            # Bit-identical results need a fixed reduction order: op determinism, and one
+            # intra-op thread (oneDNN's and Eigen's multi-threaded reductions split the work
+            # by thread count and timing).
+            tf.config.experimental.enable_op_determinism()
+            tf.config.threading.set_intra_op_parallelism_threads(1)
+        elif self.args.intra_op_parallelism:
             tf.config.threading.set_intra_op_parallelism_threads(self.args.intra_op_parallelism)
         if self.args.inter_op_parallelism:
             tf.config.threading.set_inter_op_parallelism_threads(self.args.inter_op_parallelism)
@@ -243,14 +261,9 @@ class Run:
             print(message, flush=True)
 
     def split(self, name: str):
-        from sim_merlin.training.data import DatasetError, open_split
-
         if not self.args.dataset_dir:
             raise FitError(f"--dataset_dir is required for --mode {self.args.mode}")
-        try:
-            return open_split(os.path.join(self.args.dataset_dir, name))
-        except DatasetError as error:
-            raise FitError(str(error)) from error
+        return _open_split(os.path.join(self.args.dataset_dir, name))
 
     def model_options(self, schema) -> dict:
         from sim_merlin.blocks.inputs import SequenceLayout
@@ -327,6 +340,15 @@ class Run:
                            f"({str(error).splitlines()[0][:300]})") from error
         self.say(f"restored {prefix} (epoch {int(self.checkpoint.epoch.numpy())}, "
                  f"step {int(self.checkpoint.step.numpy())})")
+        # The optimizer's learning rate is a variable, restored with the rest: --lr wins.
+        optimizer = getattr(self.checkpoint.optimizer, "inner_optimizer",
+                            self.checkpoint.optimizer)
+        rate = getattr(optimizer, "learning_rate", None)
+        if isinstance(rate, tf.Variable) and float(rate.numpy()) != float(
+                tf.constant(self.args.lr, rate.dtype).numpy()):
+            self.say(f"--lr {self.args.lr:g} replaces the checkpoint's learning rate "
+                     f"{float(rate.numpy()):g}")
+            rate.assign(self.args.lr)
 
     # -- modes -------------------------------------------------------------------------------
     def run(self) -> int:
@@ -578,16 +600,11 @@ class Run:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        from sim_merlin.training.data import DatasetError, open_split
-
         a = self.args
         if not a.predict_input:
             raise FitError("--mode predict needs --predict_input (a parquet directory with "
                            "schema.pbtxt, as workflows/preprocess.py writes)")
-        try:
-            split = open_split(a.predict_input)
-        except DatasetError as error:
-            raise FitError(str(error)) from error
+        split = _open_split(a.predict_input)
         if not a.load_checkpoint_path:
             self.say("warning: no --load_checkpoint_path: scoring with an untrained model")
         trainer = self.build(split.schema, self._first_features(split))
@@ -636,6 +653,48 @@ def _check_options(a):
         problems.append(f"--keep_checkpoints must be positive, got {a.keep_checkpoints}")
     if problems:
         raise FitError("; ".join(problems))
+
+
+def _check_outputs(a):
+    """Refuse, before any work, to replace what an earlier run wrote (unless --overwrite)."""
+    if a.overwrite:
+        return
+    if a.export_dir and (a.mode == "export" or (a.mode == "train" and not a.benchmark)) \
+            and os.path.exists(a.export_dir):
+        raise FitError(f"--export_dir {a.export_dir} already exists; choose another or pass "
+                       "--overwrite")
+    if a.mode == "predict":
+        output = a.predict_output or os.path.join(a.results_dir, "predictions.parquet")
+        if os.path.exists(output):
+            raise FitError(f"--predict_output {output} already exists; choose another or pass "
+                           "--overwrite")
+    path = a.save_checkpoint_path
+    if a.mode == "train" and path and not a.benchmark and glob.glob(os.path.join(path, "*.index")):
+        resuming = a.load_checkpoint_path and os.path.realpath(
+            a.load_checkpoint_path if os.path.isdir(a.load_checkpoint_path)
+            else os.path.dirname(a.load_checkpoint_path)) == os.path.realpath(path)
+        if not resuming:
+            raise FitError(f"--save_checkpoint_path {path} holds another run's checkpoints; "
+                           f"pass --load_checkpoint_path {path} to resume it, or --overwrite "
+                           "to start over there")
+
+
+def _open_split(path: str):
+    """:func:`open_split`, and the schema checked against what the models read; errors name
+    the file."""
+    from sim_merlin.blocks.inputs import SchemaMismatchError, SequenceLayout
+    from sim_merlin.training.data import DatasetError, open_split
+
+    try:
+        split = open_split(path)
+    except DatasetError as error:
+        raise FitError(str(error)) from error
+    try:
+        SequenceLayout(split.schema)
+    except SchemaMismatchError as error:
+        raise FitError(f"{os.path.join(path, 'schema.pbtxt')}: {error} (tags and conventions: "
+                       "schemas/README.md)") from error
+    return split
 
 
 def _reference_keys(results: dict) -> dict:

@@ -16,8 +16,16 @@ schemas/README.md), DIR/workflow (the fitted NVTabular encode workflow) and DIR/
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
+
+if __name__ == "__main__" and os.environ.get("PYTHONHASHSEED") != "0":
+    # Byte-identical output run after run: Python's string hashing is seeded per process, and
+    # the order of set elements (the tags written into schema.pbtxt and the saved workflow)
+    # follows it. Start again with a fixed seed before doing anything.
+    os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *sys.argv[1:]],
+              {**os.environ, "PYTHONHASHSEED": "0"})
 
 import sim_merlin  # noqa: F401  (environment set-up before Merlin imports)
 from sim_merlin.environment import quiet_merlin_notices

@@ -232,9 +232,11 @@ def preprocess(config: PreprocessConfig) -> dict:
             f"output directory {output} already exists; choose another or pass --overwrite"
         )
     output.parent.mkdir(parents=True, exist_ok=True)
-    work = output.parent / f".{output.name}.partial-{os.getpid()}"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir()
+    # Work happens in .OUTPUT.partial next to OUTPUT (one name, no process id: paths inside the
+    # saved workflow then repeat exactly run after run); its owner file names the process.
+    work = output.parent / f".{output.name}.partial"
+    old = output.parent / f".{output.name}.replaced"
+    _claim(work, old)
     stages = _Stages()
     workers = config.workers or raw.default_workers()
     try:
@@ -243,11 +245,55 @@ def preprocess(config: PreprocessConfig) -> dict:
         final = work / "final"
         (final / "preprocess.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
         if output.exists():
-            shutil.rmtree(output)
-        final.rename(output)
+            # Move the old output aside first: at every instant OUTPUT is either the old
+            # complete result or the new one (a kill in between leaves it absent, never mixed).
+            output.rename(old)
+            final.rename(output)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            final.rename(output)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return summary
+
+
+def _sort_json_keys(path: Path) -> None:
+    """Rewrite a JSON file with its object keys sorted. Merlin writes ``.merlin/schema.json``
+    from protobuf maps, whose key order changes from process to process; sorted, the file
+    repeats byte for byte (readers do not depend on the order)."""
+    if path.exists():
+        path.write_text(json.dumps(json.loads(path.read_text()), sort_keys=True))
+
+
+_OWNER = "owner.pid"
+
+
+def _claim(work: Path, old: Path) -> None:
+    """Make ``work`` this run's (empty, with an owner file). Work left by a killed run is
+    removed, with a note; a live run writing the same output is an error."""
+    owner = work / _OWNER
+    if work.exists():
+        pid = owner.read_text().strip() if owner.exists() else ""
+        if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+            raise PreprocessingError(f"{work} belongs to a preprocessing run that is still "
+                                     f"going (process {pid}) and writes the same output")
+        print(f"[preprocess] removing {work} (left by an interrupted run"
+              + (f", process {pid})" if pid else ")"), file=sys.stderr, flush=True)
+        shutil.rmtree(work)
+    if old.exists():  # killed between moving the old output aside and deleting it
+        shutil.rmtree(old)
+    work.mkdir()
+    owner.write_text(f"{os.getpid()}\n")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _run(config: PreprocessConfig, work: Path, stages: _Stages, workers: int) -> dict:
@@ -332,6 +378,8 @@ def _run(config: PreprocessConfig, work: Path, stages: _Stages, workers: int) ->
 
     stages.run("train samples", samples, "train")
     stages.run("test samples", samples, "test")
+    for split in ("train", "test"):
+        _sort_json_keys(work / "final" / split / ".merlin" / "schema.json")
     workflow.save(str(work / "final" / "workflow"))
     counts = {
         split: int(Dataset(str(work / "final" / split), engine="parquet").num_rows)

@@ -18,12 +18,13 @@ pytestmark = pytest.mark.slow
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
 
 
-def horovodrun(*args, timeout=420):
+def horovodrun(*args, timeout=420, expect_success=True):
     launcher = Path(sys.executable).parent / "horovodrun"
     command = [str(launcher), "-np", "2", "-H", "localhost:2", "--gloo", sys.executable, "-m",
                "sim_merlin.fit", *map(str, args)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=ENV)
-    assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+    output = f"exit {done.returncode}\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+    assert (done.returncode == 0) == expect_success, output
     return done
 
 
@@ -92,3 +93,25 @@ def test_uneven_partition_shards_do_not_hang(uneven_dataset, tmp_path):
              if e["type"] == "LOG" and len(e["step"]) == 2]
     assert steps == [[epoch, s] for epoch in range(2) for s in range(min(batches))]
     assert summary(tmp_path / "log.json")["replica_weights_identical"] is True
+
+
+def test_a_rank_with_zero_batches(tiny_dataset, tmp_path):
+    """Whole-partition sharding of a one-file split leaves rank 1 with nothing to read:
+    evaluation still covers the whole split exactly (rank 1 contributes zero rows), and training,
+    which would have zero steps, stops on both ranks with the reason instead of hanging."""
+    (test_file,) = glob.glob(str(tiny_dataset / "test" / "*.parquet"))
+    ckpt = tmp_path / "ckpt"
+    common = ["--dataset_dir", tiny_dataset, "--global_batch_size", 128, *SMALL_SIM]
+    single(*common, "--results_dir", tmp_path / "train", "--epochs", 1, "--seed", 2,
+           "--save_checkpoint_path", ckpt, "--no_train_eval")
+    evaluate = ["--mode", "evaluate", "--load_checkpoint_path", ckpt, "--sharding", "partitions"]
+    horovodrun(*common, *evaluate, "--results_dir", tmp_path / "eval2")
+    single(*common, *evaluate, "--results_dir", tmp_path / "eval1")
+    two, one = summary(tmp_path / "eval2" / "log.json"), summary(tmp_path / "eval1" / "log.json")
+    assert two["test_samples"] == one["test_samples"] == len(pd.read_parquet(test_file))
+    assert two["test_auc"] == one["test_auc"]
+    assert two["test_loss"] == pytest.approx(one["test_loss"], rel=1e-12)
+
+    done = horovodrun(*common, "--results_dir", tmp_path / "train2", "--sharding", "partitions",
+                      "--epochs", 1, timeout=300, expect_success=False)
+    assert "give no training batch of 64 per worker on 2 worker(s)" in done.stdout + done.stderr

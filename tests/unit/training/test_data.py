@@ -169,6 +169,24 @@ def test_fast_loader_is_a_merlin_loader(train):
     loader.stop()
 
 
+def test_reading_thread_sleeps_while_its_queue_is_full(multi):
+    """Merlin 23.x's reading thread polls a full queue every microsecond, burning a core that
+    training needs; ours must wait idle. With 5 partitions and one batch taken, the thread has
+    the next chunk ready and nowhere to put it: the process must use (almost) no CPU meanwhile."""
+    import time
+
+    loader = multi.loader(100)
+    next(iter(loader))
+    time.sleep(1.0)  # the reading thread converts the next chunk, then finds the queue full
+    assert not loader._buff.empty
+    cpu_before, wall_before = time.process_time(), time.perf_counter()
+    time.sleep(1.0)
+    cpu = time.process_time() - cpu_before
+    wall = time.perf_counter() - wall_before
+    loader.stop()
+    assert cpu < 0.25 * wall, f"the loader used {cpu:.2f} s of CPU in {wall:.2f} s while idle"
+
+
 @pytest.mark.parametrize("damage, message", [
     (lambda history: history[:19], r"'item_id_history': rows have list lengths \[19, 20\]"),
     (lambda history: None, r"'item_id_history': some rows are null"),
