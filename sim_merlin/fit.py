@@ -586,9 +586,14 @@ class Run:
         staging = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.partial-", dir=parent)
         try:
             model.save(staging)
-            if os.path.exists(target):
-                shutil.rmtree(target)
-            os.rename(staging, target)
+            if os.path.exists(target):  # --overwrite: the old export stays whole until the swap
+                replaced = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.replaced-",
+                                            dir=parent)
+                os.rename(target, os.path.join(replaced, "old"))
+                os.rename(staging, target)
+                shutil.rmtree(replaced, ignore_errors=True)
+            else:
+                os.rename(staging, target)
         finally:
             if os.path.exists(staging):
                 shutil.rmtree(staging, ignore_errors=True)

@@ -221,7 +221,8 @@ def _dask_cluster(backend):
 
 
 def preprocess(config: PreprocessConfig) -> dict:
-    """Run the whole pipeline; return a summary (counts, cardinalities, stage times)."""
+    """Run the whole pipeline; return a summary (counts, cardinalities, stage times). The
+    summary is also written to ``OUTPUT/preprocess.json``, without the stage times."""
     backend = compute_backend(prefer_gpu=config.device != "cpu")
     if config.device == "gpu" and not backend.is_gpu:
         raise PreprocessingError(f"--device gpu was requested but {backend.reason}")
@@ -243,7 +244,10 @@ def preprocess(config: PreprocessConfig) -> dict:
         with _dask_cluster(backend):
             summary = _run(config, work, stages, workers)
         final = work / "final"
-        (final / "preprocess.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        # The stage times are printed and returned, not written: the output holds only what
+        # the inputs and options determine, so that a rerun repeats it byte for byte.
+        recorded = {k: v for k, v in summary.items() if k != "stage_seconds"}
+        (final / "preprocess.json").write_text(json.dumps(recorded, indent=2, default=str) + "\n")
         if output.exists():
             # Move the old output aside first: at every instant OUTPUT is either the old
             # complete result or the new one (a kill in between leaves it absent, never mixed).
@@ -263,6 +267,14 @@ def _sort_json_keys(path: Path) -> None:
     repeats byte for byte (readers do not depend on the order)."""
     if path.exists():
         path.write_text(json.dumps(json.loads(path.read_text()), sort_keys=True))
+
+
+def _drop_clock(path: Path) -> None:
+    """Remove NVTabular's ``generated_timestamp`` (the save time) from a saved workflow's
+    ``metadata.json``; ``Workflow.load`` reads only the versions beside it."""
+    metadata = json.loads(path.read_text())
+    metadata.pop("generated_timestamp", None)
+    path.write_text(json.dumps(metadata, sort_keys=True))
 
 
 _OWNER = "owner.pid"
@@ -381,6 +393,7 @@ def _run(config: PreprocessConfig, work: Path, stages: _Stages, workers: int) ->
     for split in ("train", "test"):
         _sort_json_keys(work / "final" / split / ".merlin" / "schema.json")
     workflow.save(str(work / "final" / "workflow"))
+    _drop_clock(work / "final" / "workflow" / "metadata.json")
     counts = {
         split: int(Dataset(str(work / "final" / split), engine="parquet").num_rows)
         for split in ("train", "test")

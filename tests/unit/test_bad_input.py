@@ -377,3 +377,16 @@ def test_an_unfinished_checkpoint_save_is_ignored(trained, tiny_dataset, tmp_pat
     assert status == 0
     assert re.search(rf"restored {re.escape(str(ckpt / complete.stem))} \(epoch 0, step \d+\)",
                      output), output
+
+
+def test_overwrite_replaces_an_export_and_leaves_no_work_files(trained, tiny_dataset, tmp_path,
+                                                               capsys, fit_main):
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "earlier.txt").write_text("an earlier export")
+    status = fit_main(["--mode", "export", "--dataset_dir", str(tiny_dataset), "--results_dir",
+                       str(tmp_path / "results"), "--load_checkpoint_path",
+                       str(trained / "ckpt"), "--export_dir", str(export), "--overwrite", *SMALL])
+    assert status == 0, capsys.readouterr().err
+    assert (export / "saved_model.pb").exists() and not (export / "earlier.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "results"]
