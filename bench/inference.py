@@ -20,7 +20,9 @@ from common import ROOT, median_of, print_table, run_fit, write_json
 
 CONFIGS = {"fp32": [], "amp+xla": ["--amp", "--xla"], "amp": ["--amp"], "xla": ["--xla"],
            "ref-compatible amp": ["--reference_compatible", "--amp"],
-           "ref-compatible amp+xla": ["--reference_compatible", "--amp", "--xla"]}
+           "ref-compatible amp+xla": ["--reference_compatible", "--amp", "--xla"],
+           "ref-compatible amp intra1": ["--reference_compatible", "--amp",
+                                         "--intra_op_parallelism", "1"]}
 
 
 def main(argv=None) -> int:

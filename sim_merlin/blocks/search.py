@@ -76,21 +76,35 @@ class GeneralSearchUnit(mm.Block):
         lowest = tf.constant(keys.dtype.min, keys.dtype)
         return tf.where(valid, keys, lowest), valid
 
+    def _top(self, query, history, mask, target_category, history_categories, ordered=True):
+        """(dense history, validity [batch, length], top-k positions [batch, k], k); the
+        positions by decreasing relevance when ``ordered``, else in any order (faster)."""
+        if isinstance(history_categories, tf.RaggedTensor):
+            history_categories, _ = dense_sequence(history_categories)
+        history, mask = dense_sequence(history, mask)
+        keys, valid = self.relevance(query, history, mask, target_category, history_categories)
+        k = tf.minimum(self.top_k, tf.shape(history)[1])
+        _, indices = tf.math.top_k(tf.stop_gradient(keys), k=k, sorted=ordered)
+        return history, valid, indices, k
+
     def selection_mask(self, query, history, mask, target_category=None,
                        history_categories=None) -> tf.Tensor:
         """The selection as a mask over ``history``'s positions [batch, length] (bool): True
         where a behaviour is among the ``top_k`` selected. For a consumer that does not care
         about the order of the selection (SIM's ESU: attention and mean are the same for any
         order), this avoids gathering the selected embeddings; the gradient of that gather is a
-        scatter, single-threaded on CPU."""
-        history, mask = dense_sequence(history, mask)
-        if isinstance(history_categories, tf.RaggedTensor):
-            history_categories, _ = dense_sequence(history_categories)
-        keys, valid = self.relevance(query, history, mask, target_category, history_categories)
-        length = tf.shape(history)[1]
-        _, indices = tf.math.top_k(tf.stop_gradient(keys), k=tf.minimum(self.top_k, length))
-        picked = tf.reduce_max(tf.one_hot(indices, length, dtype=tf.int8), axis=1) > 0
-        return tf.logical_and(picked, valid)
+        scatter, single-threaded on CPU. With a tie for the k-th place (equal scores: in
+        practice the same item twice, so the same embedding) the mask may hold another of the
+        tied positions than ``call()``; what the ESU computes from it is the same."""
+        history, valid, indices, _ = self._top(query, history, mask, target_category,
+                                               history_categories, ordered=False)
+        # Count the k picked positions of every row in one flat histogram (positions are
+        # distinct within a row): much cheaper than a [batch, k, length] one-hot.
+        shape = tf.shape(valid)
+        flat = indices + shape[1] * tf.range(shape[0])[:, None]
+        size = shape[0] * shape[1]
+        picked = tf.math.bincount(tf.reshape(flat, [-1]), minlength=size, maxlength=size)
+        return tf.logical_and(tf.reshape(picked, shape) > 0, valid)
 
     def call(self, query, history=None, mask=None, target_category=None,
              history_categories=None, return_indices=False, training=False):
@@ -98,14 +112,8 @@ class GeneralSearchUnit(mm.Block):
             query, history, mask, *rest = query
             if rest:
                 target_category, history_categories = rest
-        if isinstance(history_categories, tf.RaggedTensor):
-            history_categories, _ = dense_sequence(history_categories)
-        history, mask = dense_sequence(history, mask)
-        keys, valid = self.relevance(query, history, mask, target_category, history_categories)
-        keys = tf.stop_gradient(keys)
-        length = tf.shape(history)[1]
-        k = tf.minimum(self.top_k, length)
-        _, indices = tf.math.top_k(keys, k=k, sorted=True)
+        history, valid, indices, k = self._top(query, history, mask, target_category,
+                                               history_categories)
         picked_valid = tf.gather(valid, indices, batch_dims=1)
         selected = tf.gather(history, indices, batch_dims=1)
         selected = selected * tf.cast(tf.expand_dims(picked_valid, -1), selected.dtype)
