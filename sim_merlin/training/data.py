@@ -11,11 +11,14 @@ shard. Two ways to shard:
   ``global_size`` rule): cheaper, but shards are as uneven as the partitions, and with fewer
   partitions than workers some workers read nothing.
 
-Batches come from :class:`Loader`, the Merlin dataloader with one change: on the CPU, Merlin 23.x
-converts fixed-length list columns (the histories) one scalar at a time in Python (about 7,000
-rows/s here, slower than the model trains); :class:`Loader` stacks each column's rows with numpy
-instead (the same tensors, about 100x faster). And Merlin's reading thread polls its full queue
-every microsecond, taking a core from training (steps about 40% slower); ours waits on it.
+Batches come from :class:`Loader`, the Merlin dataloader with three changes: on the CPU, Merlin
+23.x converts fixed-length list columns (the histories) one scalar at a time in Python (about
+7,000 rows/s here, slower than the model trains), :class:`Loader` stacks each column's rows with
+numpy instead (the same tensors, about 100x faster); Merlin's reading thread polls its full
+queue every microsecond, taking a core from training (steps about 40% slower), ours waits on it;
+and every chunk's values are checked against the schema (ids within their column's domain,
+finite floats, a 0/1 label) before TensorFlow sees them, so bad data gets a
+:class:`DatasetError` naming the column instead of an error deep inside an embedding lookup.
 
 Either way, training agrees on the number of steps per epoch (the minimum over workers), since a
 worker that runs out of batches would otherwise leave the others waiting in a collective.
