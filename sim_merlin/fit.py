@@ -24,6 +24,7 @@ import tempfile
 import time
 
 import sim_merlin.tf_compat  # noqa: F401  (before TensorFlow)
+from sim_merlin.files import replace_directory, write_json_atomic
 
 MODES = ("train", "evaluate", "inference", "export", "predict")
 MODEL_TYPES = ("sim", "din", "dien")
@@ -503,7 +504,7 @@ class Run:
             return None
         if self.dist.is_chief:
             os.makedirs(path, exist_ok=True)
-            _write_json_atomic(os.path.join(path, "model_config.json"),
+            write_json_atomic(os.path.join(path, "model_config.json"),
                                _jsonable(self.model_config))
         return tf.train.CheckpointManager(self.checkpoint, path,
                                           max_to_keep=max(1, self.args.keep_checkpoints))
@@ -586,14 +587,7 @@ class Run:
         staging = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.partial-", dir=parent)
         try:
             model.save(staging)
-            if os.path.exists(target):  # --overwrite: the old export stays whole until the swap
-                replaced = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.replaced-",
-                                            dir=parent)
-                os.rename(target, os.path.join(replaced, "old"))
-                os.rename(staging, target)
-                shutil.rmtree(replaced, ignore_errors=True)
-            else:
-                os.rename(staging, target)
+            replace_directory(staging, target, f"{staging}.replaced")  # --overwrite
         finally:
             if os.path.exists(staging):
                 shutil.rmtree(staging, ignore_errors=True)
@@ -730,13 +724,6 @@ def _read_json(path):
         return None
     with open(path) as handle:
         return json.load(handle)
-
-
-def _write_json_atomic(path, value):
-    staging = f"{path}.partial-{os.getpid()}"
-    with open(staging, "w") as handle:
-        json.dump(value, handle, indent=2, sort_keys=True)
-    os.replace(staging, path)
 
 
 if __name__ == "__main__":

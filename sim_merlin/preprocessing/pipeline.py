@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 
 from sim_merlin.environment import announce_backend, compute_backend
+from sim_merlin.files import replace_directory
 from sim_merlin.preprocessing import raw
 from sim_merlin.schema import CATEGORY_ID, ITEM_ID, USER_ID
 
@@ -248,14 +249,7 @@ def preprocess(config: PreprocessConfig) -> dict:
         # the inputs and options determine, so that a rerun repeats it byte for byte.
         recorded = {k: v for k, v in summary.items() if k != "stage_seconds"}
         (final / "preprocess.json").write_text(json.dumps(recorded, indent=2, default=str) + "\n")
-        if output.exists():
-            # Move the old output aside first: at every instant OUTPUT is either the old
-            # complete result or the new one (a kill in between leaves it absent, never mixed).
-            output.rename(old)
-            final.rename(output)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            final.rename(output)
+        replace_directory(final, output, old)  # --overwrite: the old output stays whole
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return summary

@@ -1,0 +1,32 @@
+"""sim_merlin.files: outputs replaced whole, never half-written."""
+import json
+
+from sim_merlin.files import replace_directory, write_json_atomic
+
+
+def _make(path, files):
+    path.mkdir()
+    for name, text in files.items():
+        (path / name).write_text(text)
+
+
+def test_replace_directory_swaps_an_existing_target(tmp_path):
+    _make(tmp_path / "new", {"a": "new a"})
+    _make(tmp_path / "out", {"a": "old a", "b": "old b"})
+    replace_directory(tmp_path / "new", tmp_path / "out", tmp_path / ".out.old")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert {p.name: p.read_text() for p in (tmp_path / "out").iterdir()} == {"a": "new a"}
+
+
+def test_replace_directory_without_a_target(tmp_path):
+    _make(tmp_path / "new", {"a": "new a"})
+    replace_directory(tmp_path / "new", tmp_path / "out", tmp_path / ".out.old")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert (tmp_path / "out" / "a").read_text() == "new a"
+
+
+def test_write_json_atomic_leaves_only_the_file(tmp_path):
+    write_json_atomic(tmp_path / "c.json", {"b": [1, 2], "a": None})
+    write_json_atomic(tmp_path / "c.json", {"b": 3})
+    assert [p.name for p in tmp_path.iterdir()] == ["c.json"]
+    assert json.loads((tmp_path / "c.json").read_text()) == {"b": 3}
