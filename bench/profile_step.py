@@ -17,6 +17,7 @@ import collections
 import glob
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -88,6 +89,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--predict", action="store_true",
+                        help="profile the inference step (no gradients, no auxiliary loss)")
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "profile.json")
     args, fit_args = parser.parse_known_args(argv)
 
@@ -108,18 +111,25 @@ def main(argv=None) -> int:
     loader.stop()
     import tensorflow as tf
 
+    def step():
+        if args.predict:
+            trainer.predict_step(features).numpy()
+        else:
+            trainer.train_step(features, labels)["total_loss"].numpy()
+
     for _ in range(args.warmup):
-        trainer.train_step(features, labels)["total_loss"].numpy()
+        step()
     started = time.perf_counter()
     for _ in range(args.steps):
-        trainer.train_step(features, labels)["total_loss"].numpy()
+        step()
     wall = (time.perf_counter() - started) / args.steps
     logdir = tempfile.mkdtemp(prefix="sim-profile-")
     tf.profiler.experimental.start(logdir)
     for _ in range(args.steps):
-        trainer.train_step(features, labels)["total_loss"].numpy()
+        step()
     tf.profiler.experimental.stop()
     by_type, by_scope, by_op = op_times(logdir)
+    shutil.rmtree(logdir, ignore_errors=True)
     total = sum(by_type.values())
     batch = int(labels.shape[0])
     print(f"wall {1000 * wall:.1f} ms/step ({batch / wall:,.0f} samples/s); "
@@ -134,7 +144,7 @@ def main(argv=None) -> int:
             print(f"{name[-60:]:<60} {1000 * seconds / args.steps:9.1f} {seconds / total:7.1%}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({
-        "options": fit_args, "batch": batch, "wall_ms_per_step": 1000 * wall,
+        "options": fit_args, "step": "predict" if args.predict else "train", "batch": batch, "wall_ms_per_step": 1000 * wall,
         "op_ms_per_step_by_group": {k: 1000 * v / args.steps for k, v in by_group.items()},
         "op_ms_per_step_by_type": {k: 1000 * v / args.steps for k, v in by_type.items()},
         "op_ms_per_step_by_scope": {k: 1000 * v / args.steps for k, v in by_scope.items()},

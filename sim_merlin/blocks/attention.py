@@ -24,6 +24,21 @@ from sim_merlin.blocks.sequence import dense_sequence
 SCORINGS = ("dot", "din")
 
 
+def dot_scores(query: tf.Tensor, keys: tf.Tensor) -> tf.Tensor:
+    """``<keys[b, t], query[b]>`` [batch, length] for query [batch, dim], keys [batch, length,
+    dim]: a batched matrix-vector product, no [batch, length, dim] temporary."""
+    return tf.squeeze(tf.matmul(keys, tf.expand_dims(tf.cast(query, keys.dtype), -1)), axis=-1)
+
+
+def masked_softmax(scores: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:
+    """Softmax of ``scores`` [batch, length] over the positions where ``mask`` (bool) holds;
+    exactly 0 elsewhere, and on rows with no valid position."""
+    # Padding gets the dtype's lowest score, so its softmax weight underflows to 0; the explicit
+    # zeroing also covers rows with no valid position at all.
+    masked = tf.where(mask, scores, tf.constant(scores.dtype.min, scores.dtype))
+    return tf.where(mask, tf.nn.softmax(masked, axis=-1), tf.zeros_like(scores))
+
+
 @tf.keras.utils.register_keras_serializable(package="sim_merlin")
 class TargetAttention(mm.Block):
     """Masked attention of a target (query) over a sequence of behaviours (keys).
@@ -65,8 +80,7 @@ class TargetAttention(mm.Block):
     def scores(self, query: tf.Tensor, keys: tf.Tensor) -> tf.Tensor:
         """Unmasked attention scores [batch, length]."""
         if self.scoring == "dot":
-            # A batched matrix-vector product: no [batch, length, dim] temporary.
-            return tf.squeeze(tf.matmul(keys, tf.expand_dims(query, -1)), axis=-1)
+            return dot_scores(query, keys)
         return self._activation_unit(query, keys)
 
     def _activation_unit(self, query, keys):
@@ -104,11 +118,7 @@ class TargetAttention(mm.Block):
         mask = tf.cast(mask, tf.bool)
         scores = self.scores(query, keys)
         if self.normalize:
-            # Padding gets the dtype's lowest score, so its softmax weight underflows to 0; the
-            # explicit zeroing below also covers rows with no valid behaviour at all.
-            masked = tf.where(mask, scores, tf.constant(scores.dtype.min, scores.dtype))
-            weights = tf.nn.softmax(masked, axis=-1)
-            weights = tf.where(mask, weights, tf.zeros_like(weights))
+            weights = masked_softmax(scores, mask)
         else:
             weights = tf.where(mask, scores, tf.zeros_like(scores))
         pooled = tf.squeeze(tf.matmul(tf.expand_dims(tf.cast(weights, keys.dtype), 1), keys), 1)

@@ -37,8 +37,14 @@ MEAN_DENOMINATORS = ("count", "count_plus_one")
 def masked_mean(values: tf.Tensor, mask: tf.Tensor, plus_one: bool = False) -> tf.Tensor:
     """Mean of ``values`` [batch, length, dim] over ``mask``; 0 for rows with nothing valid."""
     weights = tf.cast(mask, values.dtype)
-    total = tf.reduce_sum(values * tf.expand_dims(weights, -1), axis=1)
-    count = tf.reduce_sum(weights, axis=1, keepdims=True)
+    return mean_of_sum(tf.reduce_sum(values * tf.expand_dims(weights, -1), axis=1), mask,
+                       plus_one)
+
+
+def mean_of_sum(total: tf.Tensor, mask: tf.Tensor, plus_one: bool = False) -> tf.Tensor:
+    """``total`` [batch, dim], the sum over ``mask`` [batch, length], divided by the count
+    (0 for a count of 0) or, with ``plus_one``, by count + 1 (the reference)."""
+    count = tf.reduce_sum(tf.cast(mask, total.dtype), axis=1, keepdims=True)
     return total / (count + 1.0) if plus_one else tf.math.divide_no_nan(total, count)
 
 

@@ -112,6 +112,10 @@ class SequenceLayout:
 
 
 
+OUTPUTS = ("user", "target", "history", "history_mask", "long", "long_mask", "short",
+           "short_mask", "negative", "short_negative", "target_search_key", "long_search_keys")
+
+
 def _masked(embedded: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:
     """Embeddings [B, T, D] with padded steps (mask False) set to zero."""
     return embedded * tf.cast(tf.expand_dims(mask, -1), embedded.dtype)
@@ -125,7 +129,8 @@ class BehaviourEmbeddings(SchemaConfigMixin, mm.Block):
     ``long_mask``; ``short`` [B, S, F_i*E] and ``short_mask``; the whole ``history``
     [B, L, F_i*E] and ``history_mask``; ``negative`` [B, L, F_i*E] and ``short_negative``
     [B, S, F_i*E] (when the schema has a negative history); ``target_search_key`` [B] and
-    ``long_search_keys`` [B, L-S] (ids of the hard-search feature).
+    ``long_search_keys`` [B, L-S] (ids of the hard-search feature). ``outputs=`` in the call
+    limits the dict to the keys a model reads (each lookup costs time even if unused).
     """
 
     def __init__(self, schema: Schema, embedding_dim: int = 16, short_length: int = 10,
@@ -169,16 +174,25 @@ class BehaviourEmbeddings(SchemaConfigMixin, mm.Block):
         parts = [self.tables[self.layout.column_domain[n]](ids[n]) for n in names]
         return tf.concat(parts, axis=-1)
 
-    def call(self, inputs, training=False):
+    def call(self, inputs, outputs=None, training=False):
+        """The dict of the class docstring; with ``outputs`` (an iterable of its keys) only
+        those keys. Lookups a model does not read must not be asked for: a table lookup reads a
+        variable, so TensorFlow runs it even when nothing uses its result."""
         layout = self.layout
-        out = {
-            "user": self._embed(inputs, layout.user),
-            "target": self._embed(inputs, layout.target),
-        }
+        wanted = set(OUTPUTS if outputs is None else outputs)
+        unknown = wanted - set(OUTPUTS)
+        if unknown:
+            raise ValueError(f"unknown outputs {sorted(unknown)}; known: {list(OUTPUTS)}")
+        if not layout.negative:
+            wanted -= {"negative", "short_negative"}
+        out = {}
+        if "user" in wanted:
+            out["user"] = self._embed(inputs, layout.user)
+        if "target" in wanted:
+            out["target"] = self._embed(inputs, layout.target)
         # The long and short parts are looked up on their own, not sliced from the whole
         # history's lookup (the same values): the gradient of a slice is a dense tensor of the
-        # whole history (StridedSliceGrad, slow on CPU), that of a lookup stays sparse. A model
-        # computes only the lookups it reads (SIM: long, short and short negatives).
+        # whole history (StridedSliceGrad, slow on CPU), that of a lookup stays sparse.
         ids = {n: self._ids(inputs, n, sequence=True) for n in layout.history + layout.negative}
         parts = [self.long_length, self.short_length]
         long_ids, short_ids = {}, {}
@@ -186,16 +200,21 @@ class BehaviourEmbeddings(SchemaConfigMixin, mm.Block):
             long_ids[name], short_ids[name] = tf.split(value, parts, axis=1)
         mask = ids[layout.history[0]] > 0
         long_mask, short_mask = tf.split(mask, parts, axis=1)
-        out["history"] = _masked(self._lookup(ids, layout.history), mask)
-        out["long"] = _masked(self._lookup(long_ids, layout.history), long_mask)
-        out["short"] = _masked(self._lookup(short_ids, layout.history), short_mask)
-        out["history_mask"], out["long_mask"], out["short_mask"] = mask, long_mask, short_mask
-        if layout.negative:
-            out["negative"] = _masked(self._lookup(ids, layout.negative), mask)
-            out["short_negative"] = _masked(self._lookup(short_ids, layout.negative), short_mask)
+        masks = {"history_mask": mask, "long_mask": long_mask, "short_mask": short_mask}
+        out.update((key, value) for key, value in masks.items() if key in wanted)
+        sequences = {"history": (ids, layout.history, mask),
+                     "long": (long_ids, layout.history, long_mask),
+                     "short": (short_ids, layout.history, short_mask),
+                     "negative": (ids, layout.negative, mask),
+                     "short_negative": (short_ids, layout.negative, short_mask)}
+        for key, (source, names, key_mask) in sequences.items():
+            if key in wanted:
+                out[key] = _masked(self._lookup(source, names), key_mask)
         index = layout.features.index(self.search_feature)
-        out["target_search_key"] = self._ids(inputs, layout.target[index])
-        out["long_search_keys"] = long_ids[layout.history[index]]
+        if "target_search_key" in wanted:
+            out["target_search_key"] = self._ids(inputs, layout.target[index])
+        if "long_search_keys" in wanted:
+            out["long_search_keys"] = long_ids[layout.history[index]]
         return out
 
     def get_config(self):

@@ -29,6 +29,7 @@ import sim_merlin.tf_compat  # noqa: F401
 import merlin.models.tf as mm
 import tensorflow as tf
 
+from sim_merlin.blocks.attention import dot_scores
 from sim_merlin.blocks.sequence import dense_sequence
 
 MODES = ("soft", "hard")
@@ -56,11 +57,14 @@ class GeneralSearchUnit(mm.Block):
         self.mode = mode
         self.top_k = int(top_k)
 
-    def relevance(self, query, history, mask, target_category=None, history_categories=None):
-        """[batch, length] ranking keys; invalid candidates get the lowest value."""
+    def relevance(self, query, history, mask, target_category=None, history_categories=None,
+                  scores=None):
+        """[batch, length] ranking keys; invalid candidates get the lowest value. Soft search
+        ranks by the inner products ``scores`` [batch, length] if given (computed by the
+        caller for another use), else computes them."""
         # Ranking in float32 even under mixed precision: bf16 cannot tell positions > 256 apart.
         if self.mode == "soft":
-            keys = tf.cast(tf.reduce_sum(history * tf.expand_dims(query, 1), axis=-1), tf.float32)
+            keys = tf.cast(dot_scores(query, history) if scores is None else scores, tf.float32)
             valid = mask
         else:
             if target_category is None or history_categories is None:
@@ -76,34 +80,40 @@ class GeneralSearchUnit(mm.Block):
         lowest = tf.constant(keys.dtype.min, keys.dtype)
         return tf.where(valid, keys, lowest), valid
 
-    def _top(self, query, history, mask, target_category, history_categories, ordered=True):
+    def _top(self, query, history, mask, target_category, history_categories, ordered=True,
+             scores=None):
         """(dense history, validity [batch, length], top-k positions [batch, k], k); the
         positions by decreasing relevance when ``ordered``, else in any order (faster)."""
         if isinstance(history_categories, tf.RaggedTensor):
             history_categories, _ = dense_sequence(history_categories)
         history, mask = dense_sequence(history, mask)
-        keys, valid = self.relevance(query, history, mask, target_category, history_categories)
+        keys, valid = self.relevance(query, history, mask, target_category, history_categories,
+                                     scores)
         k = tf.minimum(self.top_k, tf.shape(history)[1])
         _, indices = tf.math.top_k(tf.stop_gradient(keys), k=k, sorted=ordered)
         return history, valid, indices, k
 
     def selection_mask(self, query, history, mask, target_category=None,
-                       history_categories=None) -> tf.Tensor:
+                       history_categories=None, scores=None) -> tf.Tensor:
         """The selection as a mask over ``history``'s positions [batch, length] (bool): True
         where a behaviour is among the ``top_k`` selected. For a consumer that does not care
         about the order of the selection (SIM's ESU: attention and mean are the same for any
         order), this avoids gathering the selected embeddings; the gradient of that gather is a
         scatter, single-threaded on CPU. With a tie for the k-th place (equal scores: in
         practice the same item twice, so the same embedding) the mask may hold another of the
-        tied positions than ``call()``; what the ESU computes from it is the same."""
+        tied positions than ``call()``; what the ESU computes from it is the same. ``scores``:
+        see :meth:`relevance`."""
         history, valid, indices, _ = self._top(query, history, mask, target_category,
-                                               history_categories, ordered=False)
+                                               history_categories, ordered=False, scores=scores)
         # Count the k picked positions of every row in one flat histogram (positions are
         # distinct within a row): much cheaper than a [batch, k, length] one-hot.
         shape = tf.shape(valid)
         flat = indices + shape[1] * tf.range(shape[0])[:, None]
         size = shape[0] * shape[1]
-        picked = tf.math.bincount(tf.reshape(flat, [-1]), minlength=size, maxlength=size)
+        # The op itself, not tf.math.bincount: that sizes its output from the data's maximum,
+        # which XLA cannot compile; here the size comes from the shape alone.
+        picked = tf.raw_ops.DenseBincount(input=tf.reshape(flat, [-1]), size=size,
+                                          weights=tf.zeros([0], flat.dtype), binary_output=True)
         return tf.logical_and(tf.reshape(picked, shape) > 0, valid)
 
     def call(self, query, history=None, mask=None, target_category=None,

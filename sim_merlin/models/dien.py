@@ -52,12 +52,15 @@ class DIENBlock(SchemaConfigMixin, mm.Block):
         self.auxiliary = AuxiliaryLoss(self.aux_mlp_dims, self.dropout_rate,
                                        reference_compatible=reference_compatible)
 
-    def _forward(self, inputs, training=False):
-        e = self.embeddings(inputs)
+    def _forward(self, inputs, training=False, auxiliary=True):
         if self.reference_compatible:
-            sequence, negative, mask = e["short"], e["short_negative"], e["short_mask"]
+            keys = ("short", "short_mask", "short_negative")
         else:
-            sequence, negative, mask = e["history"], e["negative"], e["history_mask"]
+            keys = ("history", "history_mask", "negative")
+        # The negative history feeds only the auxiliary loss: not looked up without it.
+        wanted = keys if auxiliary else keys[:2]
+        e = self.embeddings(inputs, outputs=("user", "target", *wanted))
+        sequence, mask, negative = (e.get(key) for key in keys)
         states = self.extractor(sequence, mask, training=training)
         interest = self.evolution(e["target"], states, mask, training=training)
         logit = self.mlp(tf.concat([e["target"], interest, e["user"]], axis=-1), training=training)
@@ -70,8 +73,9 @@ class DIENBlock(SchemaConfigMixin, mm.Block):
                 "auxiliary_loss": self.auxiliary(*auxiliary_inputs, training=training)}
 
     def call(self, inputs, targets=None, training=False, testing=False):
-        logit, auxiliary_inputs = self._forward(inputs, training=training)
-        if labels_from(targets) is not None and (training or testing):
+        auxiliary = labels_from(targets) is not None and (training or testing)
+        logit, auxiliary_inputs = self._forward(inputs, training=training, auxiliary=auxiliary)
+        if auxiliary:
             self.add_loss(self.auxiliary(*auxiliary_inputs, training=training))
         return logit
 

@@ -48,7 +48,7 @@ class DINBlock(SchemaConfigMixin, mm.Block):
         self.mlp = LogitMLP(self.mlp_dims, self.dropout_rate)
 
     def call(self, inputs, training=False):
-        e = self.embeddings(inputs)
+        e = self.embeddings(inputs, outputs=("user", "target", "history", "history_mask"))
         pooled = self.attention(e["target"], e["history"], e["history_mask"])
         return self.mlp(tf.concat([e["target"], pooled, e["user"]], axis=-1), training=training)
 

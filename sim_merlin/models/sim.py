@@ -28,14 +28,18 @@ import merlin.models.tf as mm
 import tensorflow as tf
 from merlin.schema import Schema, Tags
 
-from sim_merlin.blocks.attention import TargetAttention
-from sim_merlin.blocks.exact_search import ExactSearchUnit
+from sim_merlin.blocks.attention import TargetAttention, dot_scores, masked_softmax
+from sim_merlin.blocks.exact_search import ExactSearchUnit, mean_of_sum
 from sim_merlin.blocks.inputs import BehaviourEmbeddings
 from sim_merlin.blocks.interest import AuxiliaryLoss, InterestEvolution, InterestExtractor
 from sim_merlin.blocks.mlp import LogitMLP
 from sim_merlin.blocks.search import GeneralSearchUnit
 from sim_merlin.blocks.serialization import SchemaConfigMixin
 from sim_merlin.models.losses import ScaledBinaryCrossentropy, labels_from, logit_cross_entropy
+
+# What SIM reads of BehaviourEmbeddings' outputs (plus "short_negative" for the auxiliary loss).
+EMBEDDED = ("user", "target", "long", "long_mask", "short", "short_mask", "target_search_key",
+            "long_search_keys")
 
 
 @tf.keras.utils.register_keras_serializable(package="sim_merlin")
@@ -92,27 +96,50 @@ class SIMBlock(SchemaConfigMixin, mm.Block):
         self.auxiliary = AuxiliaryLoss(self.aux_mlp_dims, self.dropout_rate,
                                        reference_compatible=reference_compatible)
 
-    def forward(self, inputs, training=False) -> dict:
+    def forward(self, inputs, training=False, auxiliary=True) -> dict:
         """All intermediate results: ``stage_one`` and ``stage_two`` logits [batch, 1], the
         embedded inputs ``embedded``, the GSU's ``selection`` as a mask over the long history
-        [batch, long length] and the interest ``states``."""
-        e = self.embeddings(inputs)
+        [batch, long length] and the interest ``states``. ``auxiliary=False``: the negative
+        history (read only by the auxiliary loss) is not looked up."""
+        e = self.embeddings(inputs, outputs=EMBEDDED + (("short_negative",) if auxiliary else ()))
         user, target = e["user"], e["target"]
-        pooled = self.long_attention(target, e["long"], e["long_mask"])
+        pooled, selection, exact = self.read_long_history(e)
         stage_one = self.stage_one(tf.concat([target, pooled, user], axis=-1), training=training)
-        # The ESU is order-free (attention and mean over a set): it reads the GSU's choice as a
-        # mask over the long history, the same result as over the gathered top_k behaviours.
-        selection = self.search.selection_mask(
-            target, e["long"], e["long_mask"],
-            target_category=e["target_search_key"], history_categories=e["long_search_keys"],
-        )
-        exact = self.exact_search(target, e["long"], selection)
         states = self.extractor(e["short"], e["short_mask"], training=training)
         interest = self.evolution(target, states, e["short_mask"], training=training)
         stage_two = self.stage_two(tf.concat([exact, target, interest, user], axis=-1),
                                    training=training)
         return {"stage_one": stage_one, "stage_two": stage_two, "embedded": e,
                 "selection": selection, "states": states}
+
+    def read_long_history(self, e: dict):
+        """Stage one's attention over the long history [batch, dim], the GSU's selection as a
+        mask over it [batch, long length] and the ESU's output, from the embedded inputs ``e``.
+
+        The ESU is order-free (attention and mean over a set): it reads the GSU's choice as a
+        mask over the long history, the same result as over the gathered ``top_k`` behaviours.
+        With a dot-product ESU (the reference's), both attentions score the same target against
+        the same behaviours: the scores are computed once (they are also soft search's keys)
+        and the three weighted sums (stage one's attention, the ESU's attention and sum) are one
+        batched product, so the long history gets two gradient terms instead of five. The same
+        function as calling the blocks one by one (``tests/unit/models/test_models.py``).
+        """
+        target, long, long_mask = e["target"], e["long"], e["long_mask"]
+        keys = {"target_category": e["target_search_key"],
+                "history_categories": e["long_search_keys"]}
+        if self.exact_search.attention != "dot" or not self.exact_search.include_mean:
+            pooled = self.long_attention(target, long, long_mask)
+            selection = self.search.selection_mask(target, long, long_mask, **keys)
+            return pooled, selection, self.exact_search(target, long, selection)
+        scores = dot_scores(target, long)
+        selection = self.search.selection_mask(target, long, long_mask, scores=scores, **keys)
+        weights = tf.stack([masked_softmax(scores, tf.cast(long_mask, tf.bool)),
+                            masked_softmax(scores, selection),
+                            tf.cast(selection, scores.dtype)], axis=1)
+        pooled, attended, total = tf.unstack(tf.matmul(weights, long), axis=1)
+        plus_one = self.exact_search.mean_denominator == "count_plus_one"
+        mean = mean_of_sum(total, selection, plus_one)
+        return pooled, selection, tf.concat([attended, mean], axis=-1)
 
     def loss_terms(self, inputs, labels, training=False) -> dict:
         """The prediction ``logit`` [batch, 1] and the loss as the reference logs it:
@@ -128,9 +155,10 @@ class SIMBlock(SchemaConfigMixin, mm.Block):
                 "auxiliary_loss": auxiliary}
 
     def call(self, inputs, targets=None, training=False, testing=False):
-        out = self.forward(inputs, training=training)
         labels = labels_from(targets)
-        if labels is not None and (training or testing):
+        auxiliary = labels is not None and (training or testing)
+        out = self.forward(inputs, training=training, auxiliary=auxiliary)
+        if auxiliary:
             e = out["embedded"]
             self.add_loss(0.5 * logit_cross_entropy(labels, out["stage_one"]))
             self.add_loss(self.auxiliary(out["states"], e["short"], e["short_negative"],

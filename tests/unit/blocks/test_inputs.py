@@ -104,3 +104,25 @@ def test_config_round_trip_keeps_the_schema():
     assert type(revived) is BehaviourEmbeddings
     assert (revived.embedding_dim, revived.short_length, revived.long_length) == (5, 3, 3)
     assert revived.layout.features == ["item_id", "category_id"]
+
+
+def _gathers(layer, batch, outputs):
+    graph = tf.function(lambda b: layer(b, outputs=outputs)).get_concrete_function(batch).graph
+    return sum(op.type == "ResourceGather" for op in graph.get_operations())
+
+
+def test_only_the_outputs_asked_for_are_computed():
+    batch, _ = _batch()
+    layer = BehaviourEmbeddings(_schema(), embedding_dim=3, short_length=S)
+    everything = layer(batch)
+    some = layer(batch, outputs=("short", "short_mask", "target"))
+    assert set(some) == {"short", "short_mask", "target"}
+    for key in some:
+        np.testing.assert_array_equal(some[key].numpy(), everything[key].numpy())
+    # A lookup reads a variable, so TensorFlow would run it even if unused: it must not exist.
+    # Two item features: one gather per feature and per embedded input.
+    assert _gathers(layer, batch, ("target",)) == 2
+    assert _gathers(layer, batch, ("target", "short", "short_mask")) == 4
+    assert _gathers(layer, batch, None) == 1 + 2 * 6  # user; target and 5 sequences
+    with pytest.raises(ValueError, match="unknown outputs"):
+        layer(batch, outputs=("shorts",))

@@ -101,3 +101,47 @@ def test_models_take_ragged_histories_and_agree_in_eager_and_graph_mode(block_cl
     np.testing.assert_allclose(block(ragged).numpy(), eager, rtol=1e-6, atol=1e-7)
     graph = tf.function(lambda features: block(features))(dense).numpy()
     np.testing.assert_allclose(graph, eager, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("options", [{"reference_compatible": True},
+                                     {"search_mode": "hard", "esu_attention": "dot"}])
+def test_sim_reads_the_long_history_in_one_product_as_the_blocks_do(options):
+    # The dot-product ESU path of SIMBlock.read_long_history (scores once, one batched product
+    # for the three weighted sums) against the three blocks called one by one: values and
+    # gradients into the target and the long history.
+    schema = sample_schema({"item_id": 40, "category_id": 5}, {"user_id": 9}, 16)
+    block = SIMBlock(schema, embedding_dim=4, short_length=4, top_k=5, **options)
+    rng = np.random.default_rng(1)
+    lengths = rng.integers(0, 17, 6)
+    valid = np.arange(16)[None, :] >= 16 - lengths[:, None]
+    batch = {"user_id": tf.constant(rng.integers(1, 9, 6)),
+             "item_id": tf.constant(rng.integers(1, 40, 6)),
+             "category_id": tf.constant(rng.integers(1, 5, 6))}
+    for name, high in (("item_id", 40), ("category_id", 5)):
+        for suffix in ("_history", "_neg_history"):
+            batch[name + suffix] = tf.constant(rng.integers(1, high, (6, 16)) * valid)
+    e = block.embeddings(batch)
+    target = tf.Variable(e["target"])
+    long = tf.Variable(e["long"])
+    weights = [tf.constant(rng.normal(size=shape), tf.float32) for shape in ((6, 8), (6, 16))]
+
+    def both(read):
+        with tf.GradientTape() as tape:
+            pooled, selection, exact = read(dict(e, target=target, long=long))
+            loss = (tf.reduce_sum(pooled * weights[0][:, :8]) +
+                    tf.reduce_sum(exact * weights[1][:, :16]))
+        return (pooled, selection, exact), tape.gradient(loss, [target, long])
+
+    def by_blocks(e):
+        pooled = block.long_attention(e["target"], e["long"], e["long_mask"])
+        selection = block.search.selection_mask(
+            e["target"], e["long"], e["long_mask"], target_category=e["target_search_key"],
+            history_categories=e["long_search_keys"])
+        return pooled, selection, block.exact_search(e["target"], e["long"], selection)
+
+    (fused, fused_grads), (blocks, block_grads) = both(block.read_long_history), both(by_blocks)
+    assert fused[0].shape == (6, 8) and fused[2].shape == (6, 16)
+    np.testing.assert_array_equal(fused[1].numpy(), blocks[1].numpy())
+    assert fused[1].numpy().sum() > 0 and not fused[1].numpy().all()
+    for got, want in zip([fused[0], fused[2], *fused_grads], [blocks[0], blocks[2], *block_grads]):
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-7)
