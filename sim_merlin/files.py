@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 
 
@@ -37,3 +38,32 @@ def write_json_atomic(path: os.PathLike | str, value) -> None:
     with open(staging, "w") as handle:
         json.dump(value, handle, indent=2, sort_keys=True)
     os.replace(staging, path)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_abandoned(parent: os.PathLike | str, prefix: str) -> list[str]:
+    """Delete the entries of ``parent`` named ``{prefix}{pid}`` (or ``{prefix}{pid}.<more>``)
+    whose process ``pid`` no longer runs: the staging directories of killed writers. Returns
+    the names deleted."""
+    pattern = re.compile(re.escape(prefix) + r"(\d+)(\..*)?$")
+    removed = []
+    for name in sorted(os.listdir(parent)):
+        match = pattern.match(name)
+        if match and int(match.group(1)) != os.getpid() and not process_alive(int(match.group(1))):
+            path = os.path.join(parent, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.remove(path)
+            removed.append(name)
+    return removed

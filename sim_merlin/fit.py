@@ -20,11 +20,10 @@ import os
 import random
 import shutil
 import sys
-import tempfile
 import time
 
 import sim_merlin.tf_compat  # noqa: F401  (before TensorFlow)
-from sim_merlin.files import replace_directory, write_json_atomic
+from sim_merlin.files import remove_abandoned, replace_directory, write_json_atomic
 
 MODES = ("train", "evaluate", "inference", "export", "predict")
 MODEL_TYPES = ("sim", "din", "dien")
@@ -225,6 +224,9 @@ class Run:
             tf.config.experimental.set_memory_growth(gpu, True)
             tf.config.set_visible_devices(gpu, "GPU")
         if self.args.deterministic:
+            if self.args.intra_op_parallelism not in (0, 1):
+                self.say(f"note: --deterministic runs one intra-op thread; "
+                         f"--intra_op_parallelism {self.args.intra_op_parallelism} is ignored")
             # Bit-identical results need a fixed reduction order: op determinism, and one
             # intra-op thread (oneDNN's and Eigen's multi-threaded reductions split the work
             # by thread count and timing).
@@ -584,7 +586,14 @@ class Run:
         target = os.path.abspath(self.args.export_dir)
         parent = os.path.dirname(target)
         os.makedirs(parent, exist_ok=True)
-        staging = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.partial-", dir=parent)
+        # Staging named by process: what a killed export left (the new export, or the old one
+        # moved aside) is recognised by its dead owner and removed by the next one.
+        prefix = f".{os.path.basename(target)}.partial-"
+        for name in remove_abandoned(parent, prefix):
+            self.say(f"removed {os.path.join(parent, name)} (left by an interrupted export)")
+        staging = os.path.join(parent, f"{prefix}{os.getpid()}")
+        shutil.rmtree(staging, ignore_errors=True)
+        os.mkdir(staging)
         try:
             model.save(staging)
             replace_directory(staging, target, f"{staging}.replaced")  # --overwrite
@@ -626,6 +635,8 @@ class Run:
         table["probability"] = (1 / (1 + np.exp(-logit.astype(np.float64)))).astype(np.float32)
         output = a.predict_output or os.path.join(a.results_dir, "predictions.parquet")
         os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+        remove_abandoned(os.path.dirname(os.path.abspath(output)),
+                         f"{os.path.basename(output)}.partial-")
         staging = f"{output}.partial-{os.getpid()}"
         pq.write_table(pa.Table.from_pandas(pd.DataFrame(table), preserve_index=False), staging)
         os.replace(staging, output)

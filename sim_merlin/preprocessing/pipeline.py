@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 
 from sim_merlin.environment import announce_backend, compute_backend
-from sim_merlin.files import replace_directory
+from sim_merlin.files import process_alive, replace_directory
 from sim_merlin.preprocessing import raw
 from sim_merlin.schema import CATEGORY_ID, ITEM_ID, USER_ID
 
@@ -280,7 +280,7 @@ def _claim(work: Path, old: Path) -> None:
     owner = work / _OWNER
     if work.exists():
         pid = owner.read_text().strip() if owner.exists() else ""
-        if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and process_alive(int(pid)):
             raise PreprocessingError(f"{work} belongs to a preprocessing run that is still "
                                      f"going (process {pid}) and writes the same output")
         print(f"[preprocess] removing {work} (left by an interrupted run"
@@ -290,16 +290,6 @@ def _claim(work: Path, old: Path) -> None:
         shutil.rmtree(old)
     work.mkdir()
     owner.write_text(f"{os.getpid()}\n")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 def _run(config: PreprocessConfig, work: Path, stages: _Stages, workers: int) -> dict:

@@ -12,6 +12,8 @@ import importlib.util
 import json
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -390,3 +392,24 @@ def test_overwrite_replaces_an_export_and_leaves_no_work_files(trained, tiny_dat
     assert status == 0, capsys.readouterr().err
     assert (export / "saved_model.pb").exists() and not (export / "earlier.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "results"]
+
+
+def test_an_export_killed_between_its_renames_is_cleaned_up_by_the_next(
+        trained, tiny_dataset, tmp_path, capsys, fit_main):
+    # What a kill between "old export aside" and "new export in" leaves: no export, the new
+    # one under the staging name, the old one under the aside name; both of a dead process.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    for name in (f".export.partial-{dead.pid}", f".export.partial-{dead.pid}.replaced"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "saved_model.pb").write_text("half")
+    (tmp_path / ".export.partial-1").mkdir()  # a live process's (pid 1): left alone
+    status = fit_main(["--mode", "export", "--dataset_dir", str(tiny_dataset), "--results_dir",
+                       str(tmp_path / "results"), "--load_checkpoint_path",
+                       str(trained / "ckpt"), "--export_dir", str(tmp_path / "export"), *SMALL])
+    output = capsys.readouterr().out
+    assert status == 0
+    assert f".export.partial-{dead.pid}.replaced (left by an interrupted export)" in output
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".export.partial-1", "export",
+                                                          "results"]
+    assert (tmp_path / "export" / "saved_model.pb").stat().st_size > 100

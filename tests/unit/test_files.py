@@ -1,5 +1,6 @@
 """sim_merlin.files: outputs replaced whole, never half-written."""
 import json
+import os
 
 from sim_merlin.files import replace_directory, write_json_atomic
 
@@ -30,3 +31,22 @@ def test_write_json_atomic_leaves_only_the_file(tmp_path):
     write_json_atomic(tmp_path / "c.json", {"b": 3})
     assert [p.name for p in tmp_path.iterdir()] == ["c.json"]
     assert json.loads((tmp_path / "c.json").read_text()) == {"b": 3}
+
+
+def test_remove_abandoned_deletes_only_what_dead_processes_left(tmp_path):
+    import subprocess
+    import sys
+
+    from sim_merlin.files import remove_abandoned
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    names = [f".out.partial-{dead.pid}", f".out.partial-{dead.pid}.replaced",
+             f".out.partial-{os.getpid()}", ".out.partial-1", ".out.partial-x", "out"]
+    for name in names:
+        (tmp_path / name).mkdir()
+    (tmp_path / f"table.parquet.partial-{dead.pid}").write_text("half a file")
+    assert remove_abandoned(tmp_path, ".out.partial-") == names[:2]
+    assert remove_abandoned(tmp_path, "table.parquet.partial-") == [
+        f"table.parquet.partial-{dead.pid}"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[2:])
