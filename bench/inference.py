@@ -22,7 +22,10 @@ CONFIGS = {"fp32": [], "amp+xla": ["--amp", "--xla"], "amp": ["--amp"], "xla": [
            "ref-compatible amp": ["--reference_compatible", "--amp"],
            "ref-compatible amp+xla": ["--reference_compatible", "--amp", "--xla"],
            "ref-compatible amp intra1": ["--reference_compatible", "--amp",
-                                         "--intra_op_parallelism", "1"]}
+                                         "--intra_op_parallelism", "1"],
+           "ref-compatible amp intra1 shards2": ["--reference_compatible", "--amp",
+                                                 "--intra_op_parallelism", "1",
+                                                 "--inference_shards", "2"]}
 
 
 def main(argv=None) -> int:

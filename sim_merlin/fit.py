@@ -156,6 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     runtime = parser.add_argument_group("runtime")
     runtime.add_argument("--intra_op_parallelism", type=int, default=0)
     runtime.add_argument("--inter_op_parallelism", type=int, default=0)
+    runtime.add_argument("--inference_shards", type=int, default=1,
+                         help="score each batch (inference, evaluation, prediction) as N blocks "
+                              "of rows run side by side: the same scores; with "
+                              "--intra_op_parallelism 1, N = the number of cores is fastest")
     runtime.add_argument("--horovod", choices=("auto", "on", "off"), default="auto",
                          help="auto: use Horovod when launched by horovodrun")
     runtime.add_argument("--print_every", type=int, default=20,
@@ -310,7 +314,7 @@ class Run:
         model = factory(schema, **self.model_options(schema))
         optimizer = build_optimizer(a.optimizer, a.lr, a.weight_decay)
         trainer = Trainer(model, optimizer, self.dist, xla=a.xla,
-                          sparse_as_dense=a.sparse_as_dense)
+                          sparse_as_dense=a.sparse_as_dense, inference_shards=a.inference_shards)
         trainer.build(sample_features)
         self.checkpoint = tf.train.Checkpoint(
             model=model, optimizer=trainer.optimizer,
@@ -650,7 +654,8 @@ class Run:
 
 def _check_options(a):
     problems = []
-    for name in ("global_batch_size", "embedding_dim", "epochs", "top_k", "esu_heads"):
+    for name in ("global_batch_size", "embedding_dim", "epochs", "top_k", "esu_heads",
+                 "inference_shards"):
         if getattr(a, name) <= 0:
             problems.append(f"--{name} must be positive, got {getattr(a, name)}")
     if a.eval_batch_size is not None and a.eval_batch_size <= 0:

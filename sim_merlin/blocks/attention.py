@@ -101,7 +101,7 @@ class TargetAttention(mm.Block):
         per_row = tf.nn.bias_add(tf.matmul(query, w_query - w_diff),
                                  tf.cast(first.bias, keys.dtype))
         shape = tf.shape(keys)
-        hidden = tf.reshape(hidden, tf.stack([shape[0], shape[1], -1]))
+        hidden = tf.reshape(hidden, tf.stack([shape[0], shape[1], hidden.shape[-1]]))
         hidden = first.activation(hidden + tf.expand_dims(per_row, 1))
         # The other layers on a 2-D [batch * length, units] input: product, bias and activation
         # then run as one fused oneDNN kernel (Keras's 3-D path, tensordot, does not fuse).

@@ -54,11 +54,23 @@ def precision_policy(amp: bool, device: str = "cpu", dtype: str = "auto") -> str
     return f"mixed_{dtype}"
 
 
+def row_blocks(features: dict, count: int) -> list[dict]:
+    """``features`` (a dict of tensors with the same number of rows) cut into ``count``
+    consecutive blocks of rows, as equal as possible (some empty if rows < count)."""
+    rows = tf.shape(next(iter(features.values())))[0]
+    sizes = tf.fill([count], rows // count) + tf.cast(tf.range(count) < rows % count, tf.int32)
+    pieces = {name: tf.split(value, sizes, num=count, axis=0) for name, value in features.items()}
+    return [{name: parts[i] for name, parts in pieces.items()} for i in range(count)]
+
+
 class Trainer:
     """Train, predict and evaluate steps for a SIM, DIN or DIEN Merlin model."""
 
     def __init__(self, model, optimizer, distributed=None, xla: bool = False,
-                 sparse_as_dense: bool = False):
+                 sparse_as_dense: bool = False, inference_shards: int = 1):
+        if int(inference_shards) < 1:
+            raise ValueError(f"inference_shards must be >= 1, got {inference_shards}")
+        self.inference_shards = int(inference_shards)
         self.model = model
         self.block = model.blocks[0]
         if not hasattr(self.block, "loss_terms"):
@@ -123,7 +135,13 @@ class Trainer:
 
     def _predict_step(self, features):
         # The model's output is the sigmoid of the block's logit; score with the block directly.
-        return tf.reshape(tf.cast(self.block(features, training=False), tf.float32), [-1])
+        # With inference_shards = N the rows are scored in N blocks that share no op, so the
+        # executor runs them side by side (the model's chain of recurrent steps otherwise
+        # leaves cores idle); every row's score is the same.
+        shards = [features] if self.inference_shards == 1 else row_blocks(
+            features, self.inference_shards)
+        return tf.concat([tf.reshape(tf.cast(self.block(shard, training=False), tf.float32), [-1])
+                          for shard in shards], axis=0)
 
     def predict_logits(self, batches) -> tuple[np.ndarray, np.ndarray | None]:
         """Logits (float32) and labels over ``batches`` of ``(features, labels)``."""

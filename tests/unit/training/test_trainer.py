@@ -13,7 +13,8 @@ from sim_merlin.models.din import DINModel
 from sim_merlin.models.sim import SIMModel
 from sim_merlin.schema import sample_schema
 from sim_merlin.training.optimizers import build_optimizer
-from sim_merlin.training.trainer import Trainer, binary_cross_entropy, precision_policy
+from sim_merlin.training.trainer import (Trainer, binary_cross_entropy, precision_policy,
+                                         row_blocks)
 
 HISTORY = 6
 CARDINALITY = {"item_id": 40, "category_id": 6, "user_id": 12}
@@ -201,6 +202,25 @@ def test_predict_step_is_the_logit_of_the_model_output(run, batch):
     # binary_cross_entropy (used for evaluation) agrees with numpy on these logits.
     assert numpy_bce(labels.numpy(), logits) == pytest.approx(
         binary_cross_entropy(labels.numpy(), logits), rel=1e-9)
+
+
+@pytest.mark.parametrize("shards", [2, 3])
+def test_inference_shards_give_every_row_the_same_score(run, batch, shards):
+    # Rows scored in blocks run side by side: the same logits, row for row, even with more
+    # blocks than rows (empty blocks).
+    features, labels = batch
+    whole = run.trainer.predict_step(features).numpy()
+    sharded = Trainer(run.model, build_optimizer("adam", LR), inference_shards=shards)
+    np.testing.assert_allclose(sharded.predict_step(features).numpy(), whole,
+                               rtol=1e-6, atol=1e-7)
+    two_rows = {name: value[:2] for name, value in features.items()}
+    np.testing.assert_allclose(sharded.predict_step(two_rows).numpy(), whole[:2],
+                               rtol=1e-6, atol=1e-7)
+    blocks = row_blocks(features, shards)
+    assert [int(b["item_id"].shape[0]) for b in blocks] == [
+        len(labels) // shards + (i < len(labels) % shards) for i in range(shards)]
+    with pytest.raises(ValueError, match="inference_shards"):
+        Trainer(run.model, build_optimizer("adam", LR), inference_shards=0)
 
 
 def test_predict_logits_concatenates_batches(run, batch):
