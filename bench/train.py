@@ -32,6 +32,9 @@ CONFIGS = {
     "ref-compatible fp32": ["--reference_compatible"],
     "ref-compatible amp deterministic": ["--reference_compatible", "--amp", "--deterministic"],
     "ref-compatible amp intra1": ["--reference_compatible", "--amp", "--intra_op_parallelism", "1"],
+    "ref-compatible amp intra1 lazy_adam": ["--reference_compatible", "--amp",
+                                            "--intra_op_parallelism", "1",
+                                            "--optimizer", "lazy_adam"],
 }
 
 

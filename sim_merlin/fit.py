@@ -368,6 +368,16 @@ class Run:
         self.say(f"done in {time.perf_counter() - started:.1f} s")
         return result
 
+    def columns_read(self, split, training: bool) -> list[str]:
+        """The columns the model reads: the negative history only for training SIM or DIEN
+        (their auxiliary loss); scoring and DIN never read it, so it is not loaded."""
+        from sim_merlin import schema as conventions
+
+        negative = set(split.schema.select_by_tag(conventions.NEGATIVE_HISTORY).column_names)
+        if training and self.args.model_type != "din":
+            negative = set()
+        return [name for name in split.schema.column_names if name not in negative]
+
     def _first_features(self, split):
         """One small batch (from the whole split, on every worker) to create the variables."""
         loader = split.loader(batch_size=min(self.local_batch, 64))
@@ -408,7 +418,8 @@ class Run:
             loader = train.loader(self.local_batch, self.dist.rank, self.dist.size, a.sharding,
                                   shuffle=True, seed=self.seed + 1_000_003 * epoch
                                   + (self.dist.rank if a.sharding == "rows" else 0),
-                                  drop_remainder=a.drop_remainder)
+                                  drop_remainder=a.drop_remainder,
+                                  columns=self.columns_read(train, True))
             self._train_epoch(trainer, loader, steps, epoch, perf)
             epoch_time = time.perf_counter() - epoch_started
             time_to_train += epoch_time
@@ -526,7 +537,7 @@ class Run:
         metrics = {}
         for name, split in splits.items():
             loader = split.loader(self.eval_batch, self.dist.rank, self.dist.size,
-                                  self.args.sharding)
+                                  self.args.sharding, columns=self.columns_read(split, False))
             logits, labels = trainer.predict_logits(loader)
             logits = self.dist.allgather(logits)
             labels = self.dist.allgather(labels.astype("int64"))
@@ -554,7 +565,8 @@ class Run:
         perf = PerformanceCalculator(a.benchmark_warmup_steps, a.benchmark_steps,
                                      reduce_sum=self.dist.allreduce_sum,
                                      num_ranks=self.dist.size)
-        loader = train.loader(self.eval_batch, self.dist.rank, self.dist.size, a.sharding)
+        loader = train.loader(self.eval_batch, self.dist.rank, self.dist.size, a.sharding,
+                              columns=self.columns_read(train, False))
         steps = self.dist.allreduce_min(train.batches(self.eval_batch, self.dist.rank,
                                                       self.dist.size, a.sharding))
         perf.start()
@@ -622,7 +634,7 @@ class Run:
         trainer = self.build(split.schema, self._first_features(split))
         if self.dist.size > 1:
             raise FitError("--mode predict runs on one process")
-        loader = split.loader(self.eval_batch)
+        loader = split.loader(self.eval_batch, columns=self.columns_read(split, False))
         ids = _id_columns(split.schema)
         columns = {name: [] for name in ids}
         logits, labels_ = [], []

@@ -193,7 +193,10 @@ class BehaviourEmbeddings(SchemaConfigMixin, mm.Block):
         # The long and short parts are looked up on their own, not sliced from the whole
         # history's lookup (the same values): the gradient of a slice is a dense tensor of the
         # whole history (StridedSliceGrad, slow on CPU), that of a lookup stays sparse.
-        ids = {n: self._ids(inputs, n, sequence=True) for n in layout.history + layout.negative}
+        # Negative-history ids only when asked for: a model that does not read them may be
+        # fed without those columns.
+        negatives = layout.negative if wanted & {"negative", "short_negative"} else []
+        ids = {n: self._ids(inputs, n, sequence=True) for n in layout.history + negatives}
         parts = [self.long_length, self.short_length]
         long_ids, short_ids = {}, {}
         for name, value in ids.items():

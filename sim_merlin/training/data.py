@@ -83,12 +83,16 @@ class Split:
         return rows // batch_size if drop_remainder else -(-rows // batch_size)
 
     def loader(self, batch_size: int, rank: int = 0, size: int = 1, sharding: str = "rows",
-               shuffle: bool = False, seed: int | None = None, drop_remainder: bool = False):
+               shuffle: bool = False, seed: int | None = None, drop_remainder: bool = False,
+               columns: list[str] | None = None):
         """The Merlin dataloader over worker ``rank``'s shard, yielding ``(features, labels)``.
 
         With ``shuffle``, partitions and the rows inside them are permuted; ``seed`` makes the
-        order reproducible (pass a different one each epoch).
+        order reproducible (pass a different one each epoch). ``columns``: read only these
+        (and the label); the others are neither read from the parquet files nor converted.
         """
+        import copy
+
         from merlin.io import Dataset
 
         _check_worker(rank, size, sharding)
@@ -99,9 +103,17 @@ class Split:
         if seed is not None:
             np.random.seed(seed % 2**32)
         options = dict(batch_size=batch_size, shuffle=shuffle, drop_last=drop_remainder)
+        schema = self.schema
+        if columns is not None:
+            keep = set(columns) | {self.label}
+            schema = schema.select_by_name([n for n in schema.column_names if n in keep])
         if size == 1 and not (shuffle and len(self.partition_rows) > 1):
-            return Loader(self.dataset, source=self.path, **options)
-        ddf = self.dataset.to_ddf()
+            dataset = self.dataset
+            if columns is not None:  # Merlin's reader projects to the dataset's schema
+                dataset = copy.copy(dataset)
+                dataset.schema = schema
+            return Loader(dataset, source=self.path, **options)
+        ddf = self.dataset.to_ddf()[schema.column_names]
         if sharding == "partitions":
             # Merlin's own split (global_rank/global_size) by the same rule; Merlin itself raises
             # IndexError on every worker when there are fewer partitions than workers.
@@ -120,7 +132,7 @@ class Split:
             parts = [parts[i] for i in np.random.permutation(len(parts))]
         import dask.dataframe as dd
 
-        shard = Dataset(dd.concat(parts), schema=self.schema)
+        shard = Dataset(dd.concat(parts), schema=schema)
         return Loader(shard, source=self.path, **options)
 
 
