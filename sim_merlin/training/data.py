@@ -17,9 +17,10 @@ Batches come from :class:`Loader`, the Merlin dataloader with four changes: on t
 numpy instead (the same tensors, about 100x faster); Merlin's reading thread polls its full
 queue every microsecond, taking a core from training (steps about 40% slower), ours waits on it;
 Merlin converts each chunk in the training thread when its first batch is asked for (a stall
-every 16 steps), ours in the reading thread; and every chunk's values are checked against the schema (ids within their column's domain,
-finite floats, a 0/1 label) before TensorFlow sees them, so bad data gets a
-:class:`DatasetError` naming the column instead of an error deep inside an embedding lookup.
+every 16 steps), ours in the reading thread; and every chunk's values are checked against the
+schema (ids within their column's domain, finite floats, a 0/1 label) before TensorFlow sees
+them, so bad data gets a :class:`DatasetError` naming the column instead of an error deep inside
+an embedding lookup.
 
 Either way, training agrees on the number of steps per epoch (the minimum over workers), since a
 worker that runs out of batches would otherwise leave the others waiting in a collective.
