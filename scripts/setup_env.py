@@ -15,7 +15,10 @@ the venv records the hash of the lock, this script and pyproject.toml):
 3. installs this project in editable mode, without dependencies;
 4. builds Horovod 0.28.1 from source with Gloo for the installed TensorFlow (see
    ``scripts/build_horovod.py``), reusing a cached wheel when one exists;
-5. runs ``pip check`` and a smoke import, then writes the stamp.
+5. runs ``pip check`` and a smoke import, then writes the stamp;
+6. (every run, even an up-to-date one) compiles the fused C++ kernels against the venv's
+   TensorFlow unless they are already cached for these sources (``sim_merlin.kernels.build``;
+   a failure is reported and the models fall back to plain TensorFlow ops).
 
 Standard library only: it runs before any environment exists.
 """
@@ -102,6 +105,7 @@ def setup(lock_name: str, venv: Path, with_horovod: bool) -> None:
     python = venv_python(venv)
     if stamp.exists() and stamp.read_text().strip() == expected and python.exists():
         log(f"{venv.name} is up to date with {lock.relative_to(ROOT)}")
+        build_kernels(python)
         return
     started = time.monotonic()
     if not python.exists():
@@ -125,6 +129,17 @@ def setup(lock_name: str, venv: Path, with_horovod: bool) -> None:
     stamp.write_text(expected + "\n")
     size = sum(f.stat().st_size for f in venv.rglob("*") if f.is_file() and not f.is_symlink())
     log(f"{venv.name} ready in {time.monotonic() - started:.0f} s ({size / 2**30:.2f} GiB)")
+    build_kernels(python)
+
+
+def build_kernels(python: Path) -> None:
+    """The fused kernels (cached per source, TensorFlow and CPU: seconds when nothing changed)."""
+    result = subprocess.run([str(python), "-m", "sim_merlin.kernels.build"], cwd=ROOT,
+                            stdout=subprocess.PIPE, text=True, check=False)
+    if result.returncode == 0:
+        log(f"fused kernels: {result.stdout.strip()}")
+    else:
+        log("fused kernels could not be built (see above): the models use plain TensorFlow ops")
 
 
 def main(argv=None) -> int:

@@ -34,6 +34,7 @@ import tensorflow as tf
 
 from sim_merlin.blocks.attention import TargetAttention
 from sim_merlin.blocks.sequence import dense_sequence
+from sim_merlin.kernels import recurrent as fused_kernels
 
 
 @tf.keras.utils.register_keras_serializable(package="sim_merlin")
@@ -95,13 +96,34 @@ def _dense_apply(x: tf.Tensor, kernel: tf.Tensor, bias=None) -> tf.Tensor:
     return tf.reshape(flat, tf.concat([tf.shape(x)[:-1], [kernel.shape[-1]]], axis=0))
 
 
-def unrolled_gru(sequence, mask, kernel, recurrent_kernel, bias):
+def _use_fused(fused) -> bool:
+    if fused is None:
+        return fused_kernels.available()
+    if fused and not fused_kernels.available():
+        raise RuntimeError("the fused recurrent kernels are not available here")
+    return bool(fused)
+
+
+def _step_mask(mask, sequence):
+    if mask is None:
+        return tf.ones(tf.shape(sequence)[:2], tf.float32)
+    return tf.cast(mask, tf.float32)
+
+
+def unrolled_gru(sequence, mask, kernel, recurrent_kernel, bias, fused=None):
     """Keras ``GRU(return_sequences=True, reset_after=True)`` over [B, T, F] -> [B, T, units].
 
     ``kernel`` [F, 3u], ``recurrent_kernel`` [u, 3u], ``bias`` [2, 3u] in Keras's layout (gates
     z, r, h); ``mask`` [B, T] bool or None: a masked step keeps the previous state (and output).
+    ``fused``: run the recurrence as one C++ op (``sim_merlin.kernels``; ``None``: when
+    available) or as TensorFlow ops unrolled over the steps (``False``).
     """
     dtype = sequence.dtype
+    if _use_fused(fused):
+        input_bias, recurrent_bias = tf.unstack(bias)
+        projected = _dense_apply(sequence, tf.cast(kernel, dtype), tf.cast(input_bias, dtype))
+        return fused_kernels.gru(projected, recurrent_kernel, recurrent_bias,
+                                 _step_mask(mask, sequence))
     kernel, recurrent_kernel, bias = (tf.cast(w, dtype) for w in (kernel, recurrent_kernel, bias))
     input_bias, recurrent_bias = tf.unstack(bias)
     projected = tf.unstack(_dense_apply(sequence, kernel, input_bias), axis=1)
@@ -121,10 +143,11 @@ def unrolled_gru(sequence, mask, kernel, recurrent_kernel, bias):
     return tf.stack(outputs, axis=1)
 
 
-def unrolled_augru(sequence, scores, mask, cell: AUGRUCell):
+def unrolled_augru(sequence, scores, mask, cell: AUGRUCell, fused=None):
     """``keras.layers.RNN(cell)`` over ``[sequence | scores]``: the final state [B, units].
 
-    ``sequence`` [B, T, F], ``scores`` [B, T], ``mask`` [B, T] bool or None.
+    ``sequence`` [B, T, F], ``scores`` [B, T], ``mask`` [B, T] bool or None; ``fused`` as for
+    :func:`unrolled_gru`.
     """
     dtype = sequence.dtype
     features = sequence.shape[-1]
@@ -137,6 +160,10 @@ def unrolled_augru(sequence, scores, mask, cell: AUGRUCell):
     bias = tf.concat([cell.gates.bias, cell.candidate.bias], axis=0)
     projected = _dense_apply(sequence, tf.concat([gate_x, cand_x], axis=1),
                                    tf.cast(bias, dtype))
+    if _use_fused(fused):
+        gate_s, cand_s = (tf.split(w.kernel, [features, cell.units], axis=0)[1]
+                          for w in (cell.gates, cell.candidate))
+        return fused_kernels.augru(projected, gate_s, cand_s, scores, _step_mask(mask, sequence))
     projected = tf.unstack(projected, axis=1)
     scores = tf.unstack(tf.expand_dims(tf.cast(scores, dtype), -1), axis=1)
     masks = tf.unstack(tf.expand_dims(mask, -1), axis=1) if mask is not None else None

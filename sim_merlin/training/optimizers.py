@@ -12,7 +12,7 @@ Here they are Keras optimizers with the same arithmetic:
   de-duplication of the sparse rows, 5x slower with the Books-size item table.
 - ``lazy_adam``: :class:`LazyAdam`, which updates only the rows a batch touched (moments and
   weights), like ``tfa.optimizers.LazyAdam``; dense variables get ordinary Adam. Much faster with
-  large tables; not the same arithmetic as Adam.
+  large tables (one fused op, :mod:`sim_merlin.kernels.adam`); not the same arithmetic as Adam.
 - ``sgd``: plain SGD, momentum 0.
 
 ``weight_decay`` is decoupled and, as in TensorFlow Addons, *not* multiplied by the learning rate:
@@ -38,6 +38,8 @@ import math
 import sim_merlin.tf_compat  # noqa: F401
 import tensorflow as tf
 
+from sim_merlin.kernels import adam as fused_adam
+
 OPTIMIZERS = ("adam", "lazy_adam", "sgd")
 
 
@@ -53,6 +55,23 @@ class _MergesOwnDuplicates:
 def _unwrapped(variable):
     """The resource variable under a Keras mixed-precision ``AutoCastVariable``."""
     return getattr(variable, "_variable", variable)
+
+
+def _fused_lazy_update(optimizer, gradient, variable) -> bool:
+    """LazyAdam's update of a float32 matrix from a sparse gradient as one op
+    (:mod:`sim_merlin.kernels.adam`) when it is available; False when it is not."""
+    if not (variable.dtype == tf.float32 and variable.shape.rank == 2
+            and fused_adam.available()):
+        return False
+    key = optimizer._var_key(variable)
+    fused_adam.lazy_update(
+        _unwrapped(variable), optimizer._momentums[optimizer._index_dict[key]],
+        optimizer._velocities[optimizer._index_dict[key]], gradient,
+        learning_rate=optimizer.learning_rate, beta_1=optimizer.beta_1,
+        beta_2=optimizer.beta_2, epsilon=optimizer.epsilon,
+        step=tf.cast(optimizer.iterations + 1, tf.float32),
+    )
+    return True
 
 
 @tf.keras.utils.register_keras_serializable(package="sim_merlin")
@@ -103,6 +122,8 @@ class LazyAdam(_MergesOwnDuplicates, tf.keras.optimizers.Adam):
     def update_step(self, gradient, variable):
         if not isinstance(gradient, tf.IndexedSlices):
             return super().update_step(gradient, variable)
+        if _fused_lazy_update(self, gradient, variable):
+            return
         dtype = variable.dtype
         lr = tf.cast(self.learning_rate, dtype)
         step = tf.cast(self.iterations + 1, dtype)

@@ -41,6 +41,8 @@ import sim_merlin.tf_compat  # noqa: F401
 import numpy as np
 import tensorflow as tf
 
+from sim_merlin.kernels.recurrent import plain_ops
+
 
 def precision_policy(amp: bool, device: str = "cpu", dtype: str = "auto") -> str:
     """The Keras mixed-precision policy for ``--amp``: float32 without it; with it
@@ -89,7 +91,9 @@ class Trainer:
             tf.config.optimizer.set_jit("autoclustering")
         self._gradients = tf.function(self._compute_gradients)
         self.train_step = tf.function(self._train_step)
-        self.predict_step = tf.function(self._predict_step, jit_compile=self.xla or None)
+        # XLA compiles the prediction step whole, and cannot compile the fused (custom) kernels.
+        self.predict_step = tf.function(self._predict_step_plain if self.xla else self._predict_step,
+                                        jit_compile=self.xla or None)
 
     @property
     def _horovod(self) -> bool:
@@ -142,6 +146,10 @@ class Trainer:
             features, self.inference_shards)
         return tf.concat([tf.reshape(tf.cast(self.block(shard, training=False), tf.float32), [-1])
                           for shard in shards], axis=0)
+
+    def _predict_step_plain(self, features):
+        with plain_ops():
+            return self._predict_step(features)
 
     def predict_logits(self, batches) -> tuple[np.ndarray, np.ndarray | None]:
         """Logits (float32) and labels over ``batches`` of ``(features, labels)``."""

@@ -7,6 +7,7 @@ import pytest
 import sim_merlin  # noqa: F401  (before tensorflow)
 import tensorflow as tf
 
+from sim_merlin.kernels import adam as fused_adam
 from sim_merlin.training.optimizers import OPTIMIZERS, LazyAdam, build_optimizer
 
 BETA_1, BETA_2, EPSILON = 0.9, 0.999, 1e-7
@@ -72,6 +73,17 @@ def slot(optimizer, variable, name):
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+
+@pytest.fixture(params=["fused", "tensorflow"])
+def sparse_update(request, monkeypatch):
+    """Each LazyAdam sparse-gradient test runs with the fused op (sim_merlin.kernels.adam) and
+    with the plain TensorFlow ops it replaces."""
+    if request.param == "fused":
+        assert fused_adam.available(), "the fused kernels did not build"
+    else:
+        monkeypatch.setattr(fused_adam, "available", lambda: False)
+    return request.param
 
 
 # A schedule of sparse batches over a 7-row table: duplicates, untouched rows, rows that come
@@ -144,7 +156,7 @@ def test_adam_weight_decay_is_decoupled_and_not_scaled_by_the_learning_rate(rng)
 # ---------------------------------------------------------------- lazy adam
 
 
-def test_lazy_adam_updates_only_the_rows_in_the_batch(rng):
+def test_lazy_adam_updates_only_the_rows_in_the_batch(rng, sparse_update):
     start = rng.normal(size=(TABLE_ROWS, 3))
     table = tf.Variable(start, dtype=tf.float32, name="lazy_table")
     optimizer = build_optimizer("lazy_adam", learning_rate=0.02)
@@ -176,7 +188,7 @@ def test_lazy_adam_updates_only_the_rows_in_the_batch(rng):
     assert not np.allclose(adam.w, reference.w, rtol=1e-3)
 
 
-def test_lazy_adam_sums_duplicate_indices():
+def test_lazy_adam_sums_duplicate_indices(sparse_update):
     values = np.array([[1.0, -2.0], [0.5, 4.0], [3.0, 1.0]], np.float32)
     duplicated = tf.Variable(np.ones((4, 2), np.float32))
     summed = tf.Variable(np.ones((4, 2), np.float32))
@@ -194,7 +206,7 @@ def test_lazy_adam_sums_duplicate_indices():
     assert duplicated.numpy()[2, 1] < 1.0
 
 
-def test_lazy_adam_bias_correction_uses_the_global_step():
+def test_lazy_adam_bias_correction_uses_the_global_step(sparse_update):
     """A row first touched at step 4 moves by lr * sqrt(1 - b2^4) / (1 - b1^4) * m / sqrt(v),
     not by the step-1 amount lr."""
     table = tf.Variable(np.zeros((3, 1), np.float32))
@@ -336,3 +348,26 @@ def test_adam_updates_mixed_precision_variables_and_matches_keras_adam(rng):
     assert layer.kernel.dtype == tf.float32
     np.testing.assert_allclose(layer.kernel.numpy(), twin.numpy(), rtol=1e-6, atol=1e-7)
     assert not np.allclose(layer.kernel.numpy(), start)
+
+
+def test_lazy_adam_sparse_updates_run_as_one_fused_op():
+    table = tf.Variable(np.zeros((5, 2), np.float32))
+    optimizer = build_optimizer("lazy_adam", 0.1)
+    optimizer.build([table])
+
+    @tf.function
+    def step(values, indices):
+        optimizer.apply_gradients([(tf.IndexedSlices(values, indices, tf.constant([5, 2])),
+                                    table)])
+
+    graph = step.get_concrete_function(tf.TensorSpec([None, 2]), tf.TensorSpec([None], tf.int32))
+    ops = {node.type for node in graph.graph.get_operations()}
+    assert "SimMerlinLazyAdam" in ops
+    assert not ops & {"UnsortedSegmentSum", "Unique", "ResourceScatterUpdate"}
+
+
+def test_fused_lazy_adam_names_an_index_outside_the_table():
+    table = tf.Variable(np.zeros((5, 2), np.float32))
+    optimizer = build_optimizer("lazy_adam", 0.1)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="has index 7, outside the table's 5"):
+        optimizer.apply_gradients([(sparse([[1.0, 1.0], [2.0, 2.0]], [1, 7], 5), table)])

@@ -1,0 +1,152 @@
+"""Compile and load the fused kernels' shared library (``recurrent.cc``, ``adam.cc``).
+
+The library is built with the installed TensorFlow's compile and link flags and the host's
+instruction set (``-march=native``: it is built where it runs), into a cache directory keyed by
+the source, the TensorFlow build, the compiler and the CPU's flags, written to a temporary name
+and renamed, so concurrent builds and interrupted ones never leave a broken library behind.
+
+Example::
+
+    >>> from sim_merlin.kernels.build import library_path
+    >>> library_path().name
+    'sim_merlin_kernels.so'
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).parent
+SOURCES = (HERE / "recurrent.cc", HERE / "adam.cc")
+HEADERS = (HERE / "products.h", HERE / "parallel.h")
+LIBRARY = "sim_merlin_kernels.so"
+DISABLE_VARIABLE = "SIM_MERLIN_FUSED_KERNELS"
+CACHE_VARIABLE = "SIM_MERLIN_KERNEL_CACHE"
+
+
+class KernelBuildError(RuntimeError):
+    """The fused kernels could not be compiled or loaded (the plain TensorFlow path is used)."""
+
+
+def enabled() -> bool:
+    """False when ``SIM_MERLIN_FUSED_KERNELS`` is 0/false/no/off."""
+    return os.environ.get(DISABLE_VARIABLE, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+@functools.lru_cache(maxsize=None)
+def _tensorflow_flags() -> tuple[list[str], list[str], str]:
+    import tensorflow as tf  # the caller has set up TensorFlow (sim_merlin.tf_compat)
+
+    return tf.sysconfig.get_compile_flags(), tf.sysconfig.get_link_flags(), tf.__version__
+
+
+def library_path() -> Path:
+    """Where the library for this source, TensorFlow, compiler and CPU is (or will be) cached."""
+    compile_flags, link_flags, version = _tensorflow_flags()
+    key = hashlib.sha256()
+    for part in (*(f.read_bytes() for f in SOURCES + HEADERS), version.encode(), " ".join(compile_flags).encode(),
+                 " ".join(link_flags).encode(), str(compiler()).encode(), _cpu_flags().encode()):
+        key.update(part)
+        key.update(b"\0")
+    root = Path(os.environ.get(CACHE_VARIABLE)
+                or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sim-merlin")
+    return root / "kernels" / key.hexdigest()[:16] / LIBRARY
+
+
+def build(force: bool = False, quiet: bool = False) -> Path:
+    """Compile the library unless it is cached; return its path. Raises :class:`KernelBuildError`."""
+    target = library_path()
+    if target.exists() and not force:
+        return target
+    cxx = compiler()
+    if cxx is None:
+        raise KernelBuildError("no C++ compiler found (install g++ or set CXX)")
+    compile_flags, link_flags, _ = _tensorflow_flags()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, partial = tempfile.mkstemp(prefix=".kernels-", suffix=".so.partial",
+                                       dir=target.parent)
+    os.close(handle)
+    command = [cxx, "-O3", "-march=native", "-shared", "-fPIC", "-w", *compile_flags,
+               *(str(f) for f in SOURCES), "-o", partial, *link_flags]
+    if not quiet:
+        print(f"sim-merlin: compiling the fused kernels ({', '.join(f.name for f in SOURCES)}, "
+              "~30 s) ...", file=sys.stderr, flush=True)
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise KernelBuildError(f"{cxx} failed on {HERE}:\n{result.stderr[-4000:]}")
+        os.replace(partial, target)
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
+    return target
+
+
+@functools.lru_cache(maxsize=None)
+def load():
+    """The loaded op library (building it if needed), or ``None`` with a message on stderr when
+    it is disabled or cannot be built: callers then take their plain TensorFlow path."""
+    if not enabled():
+        return None
+    import tensorflow as tf
+
+    try:
+        return tf.load_op_library(str(build()))
+    except (KernelBuildError, tf.errors.NotFoundError, OSError) as error:
+        print(f"sim-merlin: fused kernels unavailable, using plain TensorFlow ops ({error})",
+              file=sys.stderr)
+        return None
+
+
+def threads() -> int:
+    """Threads a fused kernel may use when TensorFlow's intra-op pool has one:
+    ``SIM_MERLIN_KERNEL_THREADS``, else the CPUs this process may use divided among the
+    processes of this machine (Horovod's local size)."""
+    wanted = os.environ.get("SIM_MERLIN_KERNEL_THREADS")
+    if wanted:
+        return max(1, int(wanted))
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    local = int(os.environ.get("HOROVOD_LOCAL_SIZE") or os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE")
+                or 1)
+    return max(1, (cpus or 1) // max(1, local))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--force", action="store_true", help="rebuild even when cached")
+    args = parser.parse_args(argv)
+    import sim_merlin.tf_compat  # noqa: F401  (before TensorFlow)
+
+    try:
+        path = build(force=args.force)
+    except KernelBuildError as error:
+        print(f"sim-merlin: {error}", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,253 @@
+// Matrix products for the fused kernels: C (+)= A B over row blocks of a recurrence.
+//
+// Two arithmetics. float32: Eigen's product. bfloat16 products with float32 sums (what
+// TensorFlow's oneDNN products do under mixed_bfloat16): both operands are rounded to bfloat16
+// (round to nearest even) and multiplied with AVX512-BF16's dot-product instruction, which sums
+// pairs of products into float32 lanes; that needs the CPU feature at build time (-march=native)
+// and falls back to the float32 product otherwise.
+//
+// Operands are views with strides (a transposed matrix is a view), so the kernels never copy a
+// matrix to transpose it. B is packed once per call when it is a weight (`PackedB`).
+
+#pragma once
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "Eigen/Core"
+
+namespace sim_merlin {
+
+using Matrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+
+// A read-only [rows, cols] view: element (i, j) is data[i * row_stride + j * col_stride].
+struct View {
+  const float* data;
+  int64_t rows, cols, row_stride, col_stride;
+
+  static View Of(const Matrix& m) { return {m.data(), m.rows(), m.cols(), m.cols(), 1}; }
+  View Transposed() const { return {data, cols, rows, col_stride, row_stride}; }
+  float operator()(int64_t i, int64_t j) const { return data[i * row_stride + j * col_stride]; }
+};
+
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+constexpr bool kHasBf16Products = true;
+#else
+constexpr bool kHasBf16Products = false;
+#endif
+
+inline uint16_t ToBf16(float x) {  // round to nearest even (no NaN inputs here)
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  bits += 0x7FFFu + ((bits >> 16) & 1u);
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+// B [K, N] as bfloat16 pairs: data[((k / 2) * padded_cols + j) * 2 + k % 2], zero padded to an
+// even K and to N rounded up to 16 columns (one 512-bit register of float32 sums).
+struct PackedB {
+  std::vector<uint16_t> data;
+  int64_t pairs = 0, cols = 0, padded_cols = 0;
+};
+
+inline void Pack(const View& b, PackedB* out) {
+  out->pairs = (b.rows + 1) / 2;
+  out->cols = b.cols;
+  out->padded_cols = (b.cols + 15) / 16 * 16;
+  out->data.assign(out->pairs * out->padded_cols * 2, 0);
+  uint16_t* target = out->data.data();
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+  if (b.col_stride == 1 && b.cols % 16 == 0) {
+    for (int64_t p = 0; p < out->pairs; ++p) {
+      const float* even = b.data + (2 * p) * b.row_stride;
+      const bool has_odd = 2 * p + 1 < b.rows;
+      const float* odd = b.data + (2 * p + 1) * b.row_stride;
+      for (int64_t j = 0; j < b.cols; j += 16) {
+        const __m256bh lo = _mm512_cvtneps_pbh(_mm512_loadu_ps(even + j));
+        const __m512i lo32 = _mm512_cvtepu16_epi32(reinterpret_cast<const __m256i&>(lo));
+        __m512i pair = lo32;
+        if (has_odd) {
+          const __m256bh hi = _mm512_cvtneps_pbh(_mm512_loadu_ps(odd + j));
+          pair = _mm512_or_si512(
+              lo32, _mm512_slli_epi32(_mm512_cvtepu16_epi32(reinterpret_cast<const __m256i&>(hi)),
+                                      16));
+        }
+        _mm512_storeu_si512(target + (p * out->padded_cols + j) * 2, pair);
+      }
+    }
+    return;
+  }
+#endif
+  for (int64_t k = 0; k < b.rows; ++k) {
+    for (int64_t j = 0; j < b.cols; ++j) {
+      target[((k / 2) * out->padded_cols + j) * 2 + k % 2] = ToBf16(b(k, j));
+    }
+  }
+}
+
+// A [M, K] as rows of bfloat16 pairs (one 32-bit word per pair of k), K padded to even.
+inline void PackRows(const View& a, std::vector<uint32_t>* out, int64_t* pairs) {
+  *pairs = (a.cols + 1) / 2;
+  out->resize(a.rows * *pairs);
+  uint32_t* target = out->data();
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+  if (a.col_stride == 1 && a.cols % 32 == 0) {
+    for (int64_t i = 0; i < a.rows; ++i) {
+      const float* row = a.data + i * a.row_stride;
+      for (int64_t k = 0; k < a.cols; k += 32) {
+        const __m512bh both = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(row + k + 16),
+                                                  _mm512_loadu_ps(row + k));
+        _mm512_storeu_si512(target + i * *pairs + k / 2, reinterpret_cast<const __m512i&>(both));
+      }
+    }
+    return;
+  }
+#endif
+  for (int64_t i = 0; i < a.rows; ++i) {
+    for (int64_t p = 0; p < *pairs; ++p) {
+      const uint32_t lo = ToBf16(a(i, 2 * p));
+      const uint32_t hi = 2 * p + 1 < a.cols ? ToBf16(a(i, 2 * p + 1)) : 0u;
+      target[i * *pairs + p] = lo | (hi << 16);
+    }
+  }
+}
+
+// A's pair word (i, p) is words[i * row_step + p * pair_step].
+struct PackedA {
+  const uint32_t* words;
+  int64_t rows, pairs, row_step, pair_step;
+};
+
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+// R rows x V registers of 16 columns, all sums held in registers over the whole K.
+template <int R, int V>
+inline void MicroKernel(const uint32_t* a, int64_t pairs, int64_t row_step, int64_t pair_step,
+                        const uint16_t* b, int64_t padded_cols, float* c, int64_t ldc,
+                        const __mmask16* masks, bool accumulate) {
+  __m512 sums[R][V];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v)
+      sums[r][v] = accumulate ? _mm512_maskz_loadu_ps(masks[v], c + r * ldc + 16 * v)
+                              : _mm512_setzero_ps();
+  for (int64_t p = 0; p < pairs; ++p) {
+    __m512bh columns[V];
+    for (int v = 0; v < V; ++v) {
+      const __m512i packed = _mm512_loadu_si512(b + (p * padded_cols + 16 * v) * 2);
+      columns[v] = reinterpret_cast<const __m512bh&>(packed);
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m512i word = _mm512_set1_epi32(static_cast<int>(a[r * row_step + p * pair_step]));
+      const __m512bh row = reinterpret_cast<const __m512bh&>(word);
+      for (int v = 0; v < V; ++v) sums[r][v] = _mm512_dpbf16_ps(sums[r][v], row, columns[v]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) _mm512_mask_storeu_ps(c + r * ldc + 16 * v, masks[v], sums[r][v]);
+}
+
+template <int V>
+inline void RowsOfPanel(const PackedA& a, const uint16_t* b, int64_t padded_cols, float* c,
+                        int64_t ldc, const __mmask16* masks, bool accumulate) {
+  int64_t i = 0;
+  for (; i + 6 <= a.rows; i += 6)
+    MicroKernel<6, V>(a.words + i * a.row_step, a.pairs, a.row_step, a.pair_step, b, padded_cols,
+                      c + i * ldc, ldc, masks, accumulate);
+  for (; i < a.rows; ++i)
+    MicroKernel<1, V>(a.words + i * a.row_step, a.pairs, a.row_step, a.pair_step, b, padded_cols,
+                      c + i * ldc, ldc, masks, accumulate);
+}
+#endif
+
+// C [M, N] (row stride ldc) = or += A B, both rounded to bfloat16, sums in float32.
+inline void ProductBf16(const PackedA& a, const PackedB& b, float* c, int64_t ldc,
+                        bool accumulate) {
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+  const int64_t registers = b.padded_cols / 16;
+  for (int64_t v0 = 0; v0 < registers; v0 += 4) {
+    const int width = static_cast<int>(std::min<int64_t>(4, registers - v0));
+    __mmask16 masks[4];
+    for (int v = 0; v < width; ++v) {
+      const int64_t valid = std::clamp<int64_t>(b.cols - 16 * (v0 + v), 0, 16);
+      masks[v] = static_cast<__mmask16>((1u << valid) - 1u);
+    }
+    const uint16_t* panel = b.data.data() + 16 * v0 * 2;
+    float* target = c + 16 * v0;
+    switch (width) {
+      case 4: RowsOfPanel<4>(a, panel, b.padded_cols, target, ldc, masks, accumulate); break;
+      case 3: RowsOfPanel<3>(a, panel, b.padded_cols, target, ldc, masks, accumulate); break;
+      case 2: RowsOfPanel<2>(a, panel, b.padded_cols, target, ldc, masks, accumulate); break;
+      default: RowsOfPanel<1>(a, panel, b.padded_cols, target, ldc, masks, accumulate);
+    }
+  }
+#else
+  (void)a; (void)b; (void)c; (void)ldc; (void)accumulate;
+#endif
+}
+
+// A weight used as B in every step: its float32 view, and its packing when products are bf16.
+struct Weight {
+  View view;
+  PackedB packed;
+
+  Weight(View v, bool bf16) : view(v) {
+    if (bf16) Pack(view, &packed);
+  }
+};
+
+// The products of one row block (one thread): scratch space for packing the other operand.
+class Products {
+ public:
+  explicit Products(bool bf16) : bf16_(bf16 && kHasBf16Products) {}
+
+  // c (row stride ldc) = or += a w
+  void Multiply(const View& a, const Weight& w, float* c, int64_t ldc, bool accumulate) {
+    if (!bf16_) return MultiplyFloat(a, w.view, c, ldc, accumulate);
+    ProductBf16(PackLeft(a), w.packed, c, ldc, accumulate);
+  }
+
+  // c = or += a b, b packed for this product only
+  void Multiply(const View& a, const View& b, float* c, int64_t ldc, bool accumulate) {
+    if (!bf16_) return MultiplyFloat(a, b, c, ldc, accumulate);
+    const PackedA left = PackLeft(a);
+    Pack(b, &columns_);
+    ProductBf16(left, columns_, c, ldc, accumulate);
+  }
+
+ private:
+  using Strided = Eigen::Map<const Matrix, 0, Eigen::Stride<Eigen::Dynamic, Eigen::Dynamic>>;
+  using Target = Eigen::Map<Matrix, 0, Eigen::OuterStride<>>;
+
+  // A transposed row-major matrix (columns contiguous) is packed as the B of its transpose: its
+  // pair words are then read with the strides swapped; others are packed row by row.
+  PackedA PackLeft(const View& a) {
+    if (a.row_stride == 1 && a.col_stride != 1) {
+      Pack(a.Transposed(), &left_columns_);
+      return {reinterpret_cast<const uint32_t*>(left_columns_.data.data()), a.rows,
+              left_columns_.pairs, 1, left_columns_.padded_cols};
+    }
+    int64_t pairs;
+    PackRows(a, &rows_, &pairs);
+    return {rows_.data(), a.rows, pairs, pairs, 1};
+  }
+
+  static void MultiplyFloat(const View& a, const View& b, float* c, int64_t ldc, bool accumulate) {
+    Strided am(a.data, a.rows, a.cols, Eigen::Stride<Eigen::Dynamic, Eigen::Dynamic>(a.row_stride, a.col_stride));
+    Strided bm(b.data, b.rows, b.cols, Eigen::Stride<Eigen::Dynamic, Eigen::Dynamic>(b.row_stride, b.col_stride));
+    Target cm(c, a.rows, b.cols, Eigen::OuterStride<>(ldc));
+    if (accumulate) {
+      cm.noalias() += am * bm;
+    } else {
+      cm.noalias() = am * bm;
+    }
+  }
+
+  bool bf16_;
+  std::vector<uint32_t> rows_;
+  PackedB columns_, left_columns_;
+};
+
+}  // namespace sim_merlin

@@ -1,0 +1,554 @@
+// Fused CPU kernels for DIEN's two recurrences (sim_merlin.kernels).
+//
+// TensorFlow runs an unrolled GRU as about twenty small ops per step (products, splits, sigmoids,
+// selects), each a pass over memory and a scheduling round; their gradients double that. These
+// kernels run the whole recurrence of a block of rows in one pass that stays in cache, and give
+// the gradient as one op. The input projection of every step (one large product) stays in
+// TensorFlow: the kernels take it precomputed, so they hold only the state products.
+//
+// SimMerlinGru (Keras GRU, reset_after=True; gate order z, r, h):
+//   inner = h U + b;  z = sig(p_z + inner_z);  r = sig(p_r + inner_r)
+//   c = tanh(p_h + r * inner_h);  h' = z h + (1 - z) c;  h_t = m_t h' + (1 - m_t) h_{t-1}
+// SimMerlinAugru (DIEN's AUGRU, as sim_merlin.blocks.interest.AUGRUCell; gates r, u):
+//   [r, u] = sig(p_g + s W_g);  c = tanh(p_c + (r s) W_c);  u' = (1 - a_t) u
+//   s' = u' s + (1 - u') c;  s_t = m_t s' + (1 - m_t) s_{t-1};  output: the last state.
+// The backward kernels recompute the forward activations of their block (cheap: the products
+// with the state) rather than keeping them between the two passes. Element-wise work runs as
+// Eigen array expressions over a whole block (vectorised sigmoid and tanh, as TensorFlow's own).
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "Eigen/Core"
+#include "parallel.h"
+#include "products.h"
+#include "tensorflow/core/framework/op.h"
+#include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/shape_inference.h"
+
+namespace {
+
+using tensorflow::DEVICE_CPU;
+using tensorflow::OpKernel;
+using tensorflow::OpKernelConstruction;
+using tensorflow::OpKernelContext;
+using tensorflow::Status;
+using tensorflow::Tensor;
+using tensorflow::TensorShape;
+using tensorflow::shape_inference::DimensionHandle;
+using tensorflow::shape_inference::InferenceContext;
+using tensorflow::shape_inference::ShapeHandle;
+
+using sim_merlin::Matrix;
+using sim_merlin::Products;
+using sim_merlin::View;
+using sim_merlin::Weight;
+using MatrixMap = Eigen::Map<Matrix>;
+using ConstMatrixMap = Eigen::Map<const Matrix>;
+using ConstRowMap = Eigen::Map<const Eigen::RowVectorXf>;
+using Array = Eigen::Array<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+using Column = Eigen::ArrayXf;  // one value per row of a block (mask, attention score)
+
+constexpr int64_t kRowsPerBlock = 128;  // a block's whole recurrence stays in L2
+
+inline int64_t BlockCount(int64_t rows) { return (rows + kRowsPerBlock - 1) / kRowsPerBlock; }
+
+// Splits [0, rows) into blocks of kRowsPerBlock and runs `work(begin, end)` on each, in parallel.
+template <typename Work>
+void ForEachRowBlock(OpKernelContext* context, int threads, int64_t rows, int64_t cost_per_row,
+                     Work work) {
+  const int64_t blocks = BlockCount(rows);
+  sim_merlin::ParallelFor(context, blocks, cost_per_row * kRowsPerBlock, threads,
+                          [&](int64_t first, int64_t last) {
+                            for (int64_t block = first; block < last; ++block) {
+                              const int64_t begin = block * kRowsPerBlock;
+                              work(begin, std::min(rows, begin + kRowsPerBlock));
+                            }
+                          });
+}
+
+// sigmoid(x) = (1 + tanh(x / 2)) / 2: Eigen's vectorised tanh is a short rational function, several
+// times cheaper than its logistic (which TensorFlow's Sigmoid uses); they agree to float32 rounding.
+template <typename Expression>
+inline auto Sigmoid(const Expression& x) {
+  return 0.5f * (0.5f * x).tanh() + 0.5f;
+}
+
+using StepRows = Eigen::Map<Matrix, 0, Eigen::OuterStride<>>;
+using ConstStepRows = Eigen::Map<const Matrix, 0, Eigen::OuterStride<>>;
+
+// Step t of rows begin..begin + n of a [rows, T, width] tensor, in place (rows T * width apart).
+inline ConstStepRows StepOf(const float* data, int64_t steps, int64_t width, int64_t begin,
+                            int64_t n, int64_t t) {
+  return ConstStepRows(data + (begin * steps + t) * width, n, width,
+                       Eigen::OuterStride<>(steps * width));
+}
+
+inline StepRows StepOf(float* data, int64_t steps, int64_t width, int64_t begin, int64_t n,
+                       int64_t t) {
+  return StepRows(data + (begin * steps + t) * width, n, width, Eigen::OuterStride<>(steps * width));
+}
+
+inline View StepView(const float* data, int64_t steps, int64_t width, int64_t begin, int64_t n,
+                     int64_t t) {
+  return {data + (begin * steps + t) * width, n, width, steps * width, 1};
+}
+
+// Column t of a [rows, T] tensor, rows begin..end.
+inline void GatherColumn(const float* source, int64_t steps, int64_t begin, int64_t n, int64_t t,
+                         float* target) {
+  for (int64_t i = 0; i < n; ++i) target[i] = source[(begin + i) * steps + t];
+}
+
+inline void ScatterColumn(const float* source, int64_t steps, int64_t begin, int64_t n, int64_t t,
+                          float* target) {
+  for (int64_t i = 0; i < n; ++i) target[(begin + i) * steps + t] = source[i];
+}
+
+Status CheckRecurrentInputs(OpKernelContext* context, const Tensor& projected,
+                            const Tensor& mask, int64_t units, int64_t gate_width) {
+  if (projected.dims() != 3 || projected.dim_size(2) != gate_width) {
+    return tensorflow::errors::InvalidArgument(
+        "projected must be [batch, steps, ", gate_width, "], got ",
+        projected.shape().DebugString());
+  }
+  if (mask.dims() != 2 || mask.dim_size(0) != projected.dim_size(0) ||
+      mask.dim_size(1) != projected.dim_size(1)) {
+    return tensorflow::errors::InvalidArgument("mask must be [batch, steps] = ",
+                                               projected.dim_size(0), "x",
+                                               projected.dim_size(1), ", got ",
+                                               mask.shape().DebugString());
+  }
+  (void)context;
+  (void)units;
+  return Status();
+}
+
+// ------------------------------------------------------------------------------------------------
+// GRU
+
+REGISTER_OP("SimMerlinGru")
+    .Attr("bf16_products: bool = false")  // bfloat16 products, float32 sums
+    .Attr("threads: int = 0")  // > 1: own threads when the intra-op pool has one (parallel.h)
+    .Input("projected: float")         // [B, T, 3u]: x W + input bias
+    .Input("recurrent_kernel: float")  // [u, 3u]
+    .Input("recurrent_bias: float")    // [3u]
+    .Input("mask: float")              // [B, T], 1 = step taken
+    .Output("states: float")           // [B, T, u]
+    .SetShapeFn([](InferenceContext* c) {
+      ShapeHandle projected, kernel;
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 3, &projected));
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 2, &kernel));
+      c->set_output(0, c->MakeShape({c->Dim(projected, 0), c->Dim(projected, 1),
+                                     c->Dim(kernel, 0)}));
+      return Status();
+    });
+
+REGISTER_OP("SimMerlinGruGrad")
+    .Attr("bf16_products: bool = false")  // bfloat16 products, float32 sums
+    .Attr("threads: int = 0")  // > 1: own threads when the intra-op pool has one (parallel.h)
+    .Input("projected: float")
+    .Input("recurrent_kernel: float")
+    .Input("recurrent_bias: float")
+    .Input("mask: float")
+    .Input("states: float")       // the forward output
+    .Input("states_grad: float")  // [B, T, u]
+    .Output("projected_grad: float")
+    .Output("recurrent_kernel_grad: float")
+    .Output("recurrent_bias_grad: float")
+    .SetShapeFn([](InferenceContext* c) {
+      c->set_output(0, c->input(0));
+      c->set_output(1, c->input(1));
+      c->set_output(2, c->input(2));
+      return Status();
+    });
+
+class GruOp : public OpKernel {
+ public:
+  explicit GruOp(OpKernelConstruction* context) : OpKernel(context) {
+    OP_REQUIRES_OK(context, context->GetAttr("bf16_products", &bf16_));
+    OP_REQUIRES_OK(context, context->GetAttr("threads", &threads_));
+  }
+
+  void Compute(OpKernelContext* context) override {
+    const Tensor& projected = context->input(0);
+    const Tensor& kernel = context->input(1);
+    const Tensor& bias = context->input(2);
+    const Tensor& mask = context->input(3);
+    OP_REQUIRES(context, kernel.dims() == 2 && kernel.dim_size(1) == 3 * kernel.dim_size(0),
+                tensorflow::errors::InvalidArgument("recurrent_kernel must be [u, 3u], got ",
+                                                    kernel.shape().DebugString()));
+    const int64_t u = kernel.dim_size(0);
+    OP_REQUIRES_OK(context, CheckRecurrentInputs(context, projected, mask, u, 3 * u));
+    OP_REQUIRES(context, bias.NumElements() == 3 * u,
+                tensorflow::errors::InvalidArgument("recurrent_bias must have 3u elements"));
+    const int64_t rows = projected.dim_size(0), steps = projected.dim_size(1);
+    Tensor* states = nullptr;
+    OP_REQUIRES_OK(context, context->allocate_output(0, TensorShape({rows, steps, u}), &states));
+    const float* p = projected.flat<float>().data();
+    const float* m = mask.flat<float>().data();
+    float* out = states->flat<float>().data();
+    const Weight U({kernel.flat<float>().data(), u, 3 * u, 3 * u, 1}, bf16_);
+    ConstRowMap b(bias.flat<float>().data(), 3 * u);
+
+    ForEachRowBlock(context, threads_, rows, steps * u * 3 * u * 2, [&](int64_t begin, int64_t end) {
+      const int64_t n = end - begin;
+      Products products(bf16_);
+      Matrix h = Matrix::Zero(n, u), inner(n, 3 * u);
+      Array zr(n, 2 * u), c(n, u);
+      Column keep(n);
+      for (int64_t t = 0; t < steps; ++t) {
+        products.Multiply(View::Of(h), U, inner.data(), 3 * u, false);
+        inner.rowwise() += b;
+        const auto x = StepOf(p, steps, 3 * u, begin, n, t);
+        GatherColumn(m, steps, begin, n, t, keep.data());
+        zr = Sigmoid(x.leftCols(2 * u).array() + inner.leftCols(2 * u).array());
+        c = (x.rightCols(u).array() + zr.rightCols(u) * inner.rightCols(u).array()).tanh();
+        const auto z = zr.leftCols(u);
+        h.array() += ((z * h.array() + (1.0f - z) * c) - h.array()).colwise() * keep;
+        StepOf(out, steps, u, begin, n, t) = h;
+      }
+    });
+  }
+
+ private:
+  bool bf16_ = false;
+  int threads_ = 0;
+};
+
+class GruGradOp : public OpKernel {
+ public:
+  explicit GruGradOp(OpKernelConstruction* context) : OpKernel(context) {
+    OP_REQUIRES_OK(context, context->GetAttr("bf16_products", &bf16_));
+    OP_REQUIRES_OK(context, context->GetAttr("threads", &threads_));
+  }
+
+  void Compute(OpKernelContext* context) override {
+    const Tensor& projected = context->input(0);
+    const Tensor& kernel = context->input(1);
+    const Tensor& bias = context->input(2);
+    const Tensor& mask = context->input(3);
+    const Tensor& states = context->input(4);
+    const Tensor& states_grad = context->input(5);
+    const int64_t u = kernel.dim_size(0);
+    OP_REQUIRES_OK(context, CheckRecurrentInputs(context, projected, mask, u, 3 * u));
+    const int64_t rows = projected.dim_size(0), steps = projected.dim_size(1);
+    OP_REQUIRES(context, states.shape() == states_grad.shape() && states.dims() == 3 &&
+                             states.dim_size(0) == rows && states.dim_size(1) == steps &&
+                             states.dim_size(2) == u,
+                tensorflow::errors::InvalidArgument("states and their gradient must be [B, T, u]"));
+    Tensor *projected_grad = nullptr, *kernel_grad = nullptr, *bias_grad = nullptr;
+    OP_REQUIRES_OK(context, context->allocate_output(0, projected.shape(), &projected_grad));
+    OP_REQUIRES_OK(context, context->allocate_output(1, kernel.shape(), &kernel_grad));
+    OP_REQUIRES_OK(context, context->allocate_output(2, bias.shape(), &bias_grad));
+    const float* p = projected.flat<float>().data();
+    const float* m = mask.flat<float>().data();
+    const float* hs = states.flat<float>().data();
+    const float* dhs = states_grad.flat<float>().data();
+    float* dp = projected_grad->flat<float>().data();
+    const View kernel_view{kernel.flat<float>().data(), u, 3 * u, 3 * u, 1};
+    const Weight U(kernel_view, bf16_), U_transposed(kernel_view.Transposed(), bf16_);
+    ConstRowMap b(bias.flat<float>().data(), 3 * u);
+    MatrixMap dU(kernel_grad->flat<float>().data(), u, 3 * u);
+    Eigen::Map<Eigen::RowVectorXf> db(bias_grad->flat<float>().data(), 3 * u);
+    dU.setZero();
+    db.setZero();
+    // Each block's weight gradients, summed in block order afterwards: the same result whatever
+    // the threads (--deterministic).
+    std::vector<Matrix> block_dUs(BlockCount(rows), Matrix::Zero(u, 3 * u));
+    std::vector<Eigen::RowVectorXf> block_dbs(BlockCount(rows), Eigen::RowVectorXf::Zero(3 * u));
+
+    ForEachRowBlock(context, threads_, rows, steps * u * 3 * u * 6, [&](int64_t begin, int64_t end) {
+      const int64_t n = end - begin;
+      Products products(bf16_);
+      Matrix& block_dU = block_dUs[begin / kRowsPerBlock];
+      Eigen::RowVectorXf& block_db = block_dbs[begin / kRowsPerBlock];
+      Matrix inner(n, 3 * u), d_inner(n, 3 * u);
+      const Matrix zeros = Matrix::Zero(n, u);
+      Matrix g = Matrix::Zero(n, u);  // gradient reaching the state after step t
+      Array zr(n, 2 * u), c(n, u), total(n, u), through(n, u), dc(n, u);
+      Column keep(n);
+      for (int64_t t = steps - 1; t >= 0; --t) {
+        const View previous_view = t == 0 ? View::Of(zeros) : StepView(hs, steps, u, begin, n, t - 1);
+        const ConstStepRows previous(previous_view.data, n, u,
+                                     Eigen::OuterStride<>(previous_view.row_stride));
+        products.Multiply(previous_view, U, inner.data(), 3 * u, false);
+        inner.rowwise() += b;
+        const auto x = StepOf(p, steps, 3 * u, begin, n, t);
+        const auto dh = StepOf(dhs, steps, u, begin, n, t);
+        auto d_projected = StepOf(dp, steps, 3 * u, begin, n, t).array();
+        GatherColumn(m, steps, begin, n, t, keep.data());
+        zr = Sigmoid(x.leftCols(2 * u).array() + inner.leftCols(2 * u).array());
+        const auto z = zr.leftCols(u);
+        const auto r = zr.rightCols(u);
+        const auto hh = inner.rightCols(u).array();
+        c = (x.rightCols(u).array() + r * hh).tanh();
+        total = g.array() + dh.array();
+        through = total.colwise() * keep;  // through the new state
+        dc = through * (1.0f - z) * (1.0f - c * c);
+        d_projected.leftCols(u) = through * (previous.array() - c) * z * (1.0f - z);
+        d_projected.middleCols(u, u) = dc * hh * r * (1.0f - r);
+        d_projected.rightCols(u) = dc;
+        d_inner.leftCols(2 * u) = d_projected.leftCols(2 * u).matrix();
+        d_inner.rightCols(u) = (dc * r).matrix();
+        products.Multiply(previous_view.Transposed(), View::Of(d_inner), block_dU.data(),
+                          3 * u, true);
+        block_db.noalias() += d_inner.colwise().sum();
+        g.array() = through * z + total.colwise() * (1.0f - keep);
+        products.Multiply(View::Of(d_inner), U_transposed, g.data(), u, true);
+      }
+    });
+    for (const Matrix& part : block_dUs) dU += part;
+    for (const Eigen::RowVectorXf& part : block_dbs) db += part;
+  }
+
+ private:
+  bool bf16_ = false;
+  int threads_ = 0;
+};
+
+// ------------------------------------------------------------------------------------------------
+// AUGRU
+
+REGISTER_OP("SimMerlinAugru")
+    .Attr("bf16_products: bool = false")  // bfloat16 products, float32 sums
+    .Attr("threads: int = 0")  // > 1: own threads when the intra-op pool has one (parallel.h)
+    .Input("projected: float")       // [B, T, 3u]: x [W_gx | W_cx] + [b_g | b_c]
+    .Input("gate_kernel: float")     // [u, 2u]: the state's part of the gate kernel (r, u)
+    .Input("candidate_kernel: float")  // [u, u]: the state's part of the candidate kernel
+    .Input("scores: float")          // [B, T] attention scores a_t
+    .Input("mask: float")            // [B, T]
+    .Output("final_state: float")    // [B, u]
+    .SetShapeFn([](InferenceContext* c) {
+      ShapeHandle projected, kernel;
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 3, &projected));
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(2), 2, &kernel));
+      c->set_output(0, c->MakeShape({c->Dim(projected, 0), c->Dim(kernel, 0)}));
+      return Status();
+    });
+
+REGISTER_OP("SimMerlinAugruGrad")
+    .Attr("bf16_products: bool = false")  // bfloat16 products, float32 sums
+    .Attr("threads: int = 0")  // > 1: own threads when the intra-op pool has one (parallel.h)
+    .Input("projected: float")
+    .Input("gate_kernel: float")
+    .Input("candidate_kernel: float")
+    .Input("scores: float")
+    .Input("mask: float")
+    .Input("final_state_grad: float")  // [B, u]
+    .Output("projected_grad: float")
+    .Output("gate_kernel_grad: float")
+    .Output("candidate_kernel_grad: float")
+    .Output("scores_grad: float")
+    .SetShapeFn([](InferenceContext* c) {
+      for (int i = 0; i < 4; ++i) c->set_output(i, c->input(i));
+      return Status();
+    });
+
+// The forward recurrence of rows begin..end, keeping what the backward pass needs when asked.
+struct AugruBlock {
+  int64_t n, u, steps;
+  bool keep_all;
+  Matrix states;                  // [(T + 1) * n, u] (or two alternating [n, u] buffers)
+  Array reset, update, candidate;  // [T * n, u] each, when kept
+
+  AugruBlock(int64_t n_, int64_t u_, int64_t steps_, bool keep)
+      : n(n_), u(u_), steps(steps_), keep_all(keep),
+        states(keep ? (steps_ + 1) * n_ : 2 * n_, u_) {
+    if (keep) {
+      reset.resize(steps * n, u);
+      update.resize(steps * n, u);
+      candidate.resize(steps * n, u);
+    }
+  }
+
+  // Runs the recurrence; returns a pointer to the final state [n, u].
+  const float* Run(const float* p, const Weight& gate_kernel, const Weight& candidate_kernel,
+                   const float* a, const float* m, int64_t begin, Products* products) {
+    Matrix gates(n, 2 * u), reset_state(n, u), candidate_in(n, u);
+    Array rg(n, 2 * u), c(n, u), scaled(n, u);
+    Column keep(n), attention(n);
+    states.topRows(n).setZero();
+    for (int64_t t = 0; t < steps; ++t) {
+      const int64_t now = keep_all ? t : (t % 2), next = keep_all ? t + 1 : 1 - now;
+      auto s = states.middleRows(now * n, n);
+      auto s_next = states.middleRows(next * n, n);
+      const auto x = StepOf(p, steps, 3 * u, begin, n, t);
+      GatherColumn(m, steps, begin, n, t, keep.data());
+      GatherColumn(a, steps, begin, n, t, attention.data());
+      products->Multiply({s.data(), n, u, u, 1}, gate_kernel, gates.data(), 2 * u, false);
+      rg = Sigmoid(x.leftCols(2 * u).array() + gates.array());
+      reset_state.array() = rg.leftCols(u) * s.array();
+      products->Multiply(View::Of(reset_state), candidate_kernel, candidate_in.data(), u, false);
+      c = (x.rightCols(u).array() + candidate_in.array()).tanh();
+      scaled = rg.rightCols(u).colwise() * (1.0f - attention);
+      s_next.array() = s.array() +
+                       ((scaled * s.array() + (1.0f - scaled) * c) - s.array()).colwise() * keep;
+      if (keep_all) {
+        reset.middleRows(t * n, n) = rg.leftCols(u);
+        update.middleRows(t * n, n) = rg.rightCols(u);
+        candidate.middleRows(t * n, n) = c;
+      }
+    }
+    const int64_t last = keep_all ? steps : (steps % 2);
+    return states.data() + last * n * u;
+  }
+};
+
+Status CheckAugruInputs(const Tensor& projected, const Tensor& gate_kernel,
+                        const Tensor& candidate_kernel, const Tensor& scores, const Tensor& mask) {
+  if (candidate_kernel.dims() != 2 || candidate_kernel.dim_size(0) != candidate_kernel.dim_size(1)) {
+    return tensorflow::errors::InvalidArgument("candidate_kernel must be [u, u], got ",
+                                               candidate_kernel.shape().DebugString());
+  }
+  const int64_t u = candidate_kernel.dim_size(0);
+  if (gate_kernel.dims() != 2 || gate_kernel.dim_size(0) != u || gate_kernel.dim_size(1) != 2 * u) {
+    return tensorflow::errors::InvalidArgument("gate_kernel must be [u, 2u] = [", u, ", ", 2 * u,
+                                               "], got ", gate_kernel.shape().DebugString());
+  }
+  if (projected.dims() != 3 || projected.dim_size(2) != 3 * u) {
+    return tensorflow::errors::InvalidArgument("projected must be [batch, steps, ", 3 * u,
+                                               "], got ", projected.shape().DebugString());
+  }
+  for (const Tensor* t : {&scores, &mask}) {
+    if (t->dims() != 2 || t->dim_size(0) != projected.dim_size(0) ||
+        t->dim_size(1) != projected.dim_size(1)) {
+      return tensorflow::errors::InvalidArgument("scores and mask must be [batch, steps], got ",
+                                                 t->shape().DebugString());
+    }
+  }
+  return Status();
+}
+
+class AugruOp : public OpKernel {
+ public:
+  explicit AugruOp(OpKernelConstruction* context) : OpKernel(context) {
+    OP_REQUIRES_OK(context, context->GetAttr("bf16_products", &bf16_));
+    OP_REQUIRES_OK(context, context->GetAttr("threads", &threads_));
+  }
+
+  void Compute(OpKernelContext* context) override {
+    const Tensor &projected = context->input(0), &gate_kernel = context->input(1),
+                 &candidate_kernel = context->input(2), &scores = context->input(3),
+                 &mask = context->input(4);
+    OP_REQUIRES_OK(context,
+                   CheckAugruInputs(projected, gate_kernel, candidate_kernel, scores, mask));
+    const int64_t u = candidate_kernel.dim_size(0);
+    const int64_t rows = projected.dim_size(0), steps = projected.dim_size(1);
+    Tensor* final_state = nullptr;
+    OP_REQUIRES_OK(context, context->allocate_output(0, TensorShape({rows, u}), &final_state));
+    float* out = final_state->flat<float>().data();
+    const Weight Wg({gate_kernel.flat<float>().data(), u, 2 * u, 2 * u, 1}, bf16_);
+    const Weight Wc({candidate_kernel.flat<float>().data(), u, u, u, 1}, bf16_);
+    ForEachRowBlock(context, threads_, rows, steps * u * 3 * u * 2, [&](int64_t begin, int64_t end) {
+      Products products(bf16_);
+      AugruBlock block(end - begin, u, steps, false);
+      const float* last = block.Run(projected.flat<float>().data(), Wg, Wc,
+                                    scores.flat<float>().data(), mask.flat<float>().data(), begin,
+                                    &products);
+      std::copy_n(last, (end - begin) * u, out + begin * u);
+    });
+  }
+
+ private:
+  bool bf16_ = false;
+  int threads_ = 0;
+};
+
+class AugruGradOp : public OpKernel {
+ public:
+  explicit AugruGradOp(OpKernelConstruction* context) : OpKernel(context) {
+    OP_REQUIRES_OK(context, context->GetAttr("bf16_products", &bf16_));
+    OP_REQUIRES_OK(context, context->GetAttr("threads", &threads_));
+  }
+
+  void Compute(OpKernelContext* context) override {
+    const Tensor &projected = context->input(0), &gate_kernel = context->input(1),
+                 &candidate_kernel = context->input(2), &scores = context->input(3),
+                 &mask = context->input(4), &final_grad = context->input(5);
+    OP_REQUIRES_OK(context,
+                   CheckAugruInputs(projected, gate_kernel, candidate_kernel, scores, mask));
+    const int64_t u = candidate_kernel.dim_size(0);
+    const int64_t rows = projected.dim_size(0), steps = projected.dim_size(1);
+    OP_REQUIRES(context, final_grad.dims() == 2 && final_grad.dim_size(0) == rows &&
+                             final_grad.dim_size(1) == u,
+                tensorflow::errors::InvalidArgument("final_state_grad must be [batch, u]"));
+    Tensor *projected_grad = nullptr, *gate_grad = nullptr, *candidate_grad = nullptr,
+           *scores_grad = nullptr;
+    OP_REQUIRES_OK(context, context->allocate_output(0, projected.shape(), &projected_grad));
+    OP_REQUIRES_OK(context, context->allocate_output(1, gate_kernel.shape(), &gate_grad));
+    OP_REQUIRES_OK(context, context->allocate_output(2, candidate_kernel.shape(), &candidate_grad));
+    OP_REQUIRES_OK(context, context->allocate_output(3, scores.shape(), &scores_grad));
+    MatrixMap dWg(gate_grad->flat<float>().data(), u, 2 * u);
+    MatrixMap dWc(candidate_grad->flat<float>().data(), u, u);
+    dWg.setZero();
+    dWc.setZero();
+    const View gate_view{gate_kernel.flat<float>().data(), u, 2 * u, 2 * u, 1};
+    const View candidate_view{candidate_kernel.flat<float>().data(), u, u, u, 1};
+    const Weight Wg(gate_view, bf16_), Wg_transposed(gate_view.Transposed(), bf16_);
+    const Weight Wc(candidate_view, bf16_), Wc_transposed(candidate_view.Transposed(), bf16_);
+    const float* a = scores.flat<float>().data();
+    const float* m = mask.flat<float>().data();
+    const float* dfinal = final_grad.flat<float>().data();
+    float* dp = projected_grad->flat<float>().data();
+    float* da = scores_grad->flat<float>().data();
+    std::vector<Matrix> block_dWgs(BlockCount(rows), Matrix::Zero(u, 2 * u));
+    std::vector<Matrix> block_dWcs(BlockCount(rows), Matrix::Zero(u, u));
+
+    ForEachRowBlock(context, threads_, rows, steps * u * 3 * u * 6, [&](int64_t begin, int64_t end) {
+      const int64_t n = end - begin;
+      Products products(bf16_);
+      AugruBlock block(n, u, steps, true);
+      block.Run(projected.flat<float>().data(), Wg, Wc, a, m, begin, &products);
+      Matrix& block_dWg = block_dWgs[begin / kRowsPerBlock];
+      Matrix& block_dWc = block_dWcs[begin / kRowsPerBlock];
+      Matrix g(n, u), d_gates(n, 2 * u), d_candidate(n, u), d_reset_state(n, u);
+      Matrix reset_state(n, u);
+      Array through(n, u), scaled(n, u), d_scaled(n, u);
+      Column keep(n), attention(n), d_attention(n);
+      std::copy_n(dfinal + begin * u, n * u, g.data());
+      for (int64_t t = steps - 1; t >= 0; --t) {
+        const auto s = block.states.middleRows(t * n, n).array();
+        const auto r = block.reset.middleRows(t * n, n);
+        const auto up = block.update.middleRows(t * n, n);
+        const auto c = block.candidate.middleRows(t * n, n);
+        GatherColumn(m, steps, begin, n, t, keep.data());
+        GatherColumn(a, steps, begin, n, t, attention.data());
+        auto d_projected = StepOf(dp, steps, 3 * u, begin, n, t).array();
+        through = g.array().colwise() * keep;
+        scaled = up.colwise() * (1.0f - attention);
+        d_scaled = through * (s - c);
+        d_projected.rightCols(u) = through * (1.0f - scaled) * (1.0f - c * c);
+        d_attention = -(d_scaled * up).rowwise().sum();
+        ScatterColumn(d_attention.data(), steps, begin, n, t, da);
+        d_projected.middleCols(u, u) = (d_scaled.colwise() * (1.0f - attention)) * up * (1.0f - up);
+        g.array() = through * scaled + g.array().colwise() * (1.0f - keep);
+        d_candidate = d_projected.rightCols(u).matrix();
+        products.Multiply(View::Of(d_candidate), Wc_transposed, d_reset_state.data(), u, false);
+        reset_state.array() = r * s;
+        products.Multiply(View::Of(reset_state).Transposed(), View::Of(d_candidate),
+                          block_dWc.data(), u, true);
+        d_projected.leftCols(u) = d_reset_state.array() * s * r * (1.0f - r);
+        g.array() += d_reset_state.array() * r;
+        d_gates = d_projected.leftCols(2 * u).matrix();
+        products.Multiply(View{block.states.data() + t * n * u, n, u, u, 1}.Transposed(),
+                          View::Of(d_gates), block_dWg.data(), 2 * u, true);
+        products.Multiply(View::Of(d_gates), Wg_transposed, g.data(), u, true);
+      }
+    });
+    for (const Matrix& part : block_dWgs) dWg += part;
+    for (const Matrix& part : block_dWcs) dWc += part;
+  }
+
+ private:
+  bool bf16_ = false;
+  int threads_ = 0;
+};
+
+REGISTER_KERNEL_BUILDER(Name("SimMerlinGru").Device(DEVICE_CPU), GruOp);
+REGISTER_KERNEL_BUILDER(Name("SimMerlinGruGrad").Device(DEVICE_CPU), GruGradOp);
+REGISTER_KERNEL_BUILDER(Name("SimMerlinAugru").Device(DEVICE_CPU), AugruOp);
+REGISTER_KERNEL_BUILDER(Name("SimMerlinAugruGrad").Device(DEVICE_CPU), AugruGradOp);
+
+}  // namespace

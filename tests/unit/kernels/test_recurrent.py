@@ -1,0 +1,181 @@
+"""The fused GRU / AUGRU ops against the TensorFlow loops (themselves checked against numpy in
+tests/unit/blocks/test_interest.py): values and every gradient, masks, several row blocks."""
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from sim_merlin.blocks.interest import AUGRUCell, unrolled_augru, unrolled_gru
+from sim_merlin.kernels import build, recurrent
+
+pytestmark = pytest.mark.compat_lock
+
+
+def test_the_fused_kernels_build_and_load_here():
+    # CI machines have g++: a missing kernel would silently test only the fallback.
+    assert recurrent.available(), "the fused kernels did not build; see the message above"
+    assert build.library_path().exists()
+
+
+def _inputs(rows, steps, features, seed):
+    rng = np.random.default_rng(seed)
+    sequence = rng.normal(size=(rows, steps, features)).astype(np.float32)
+    mask = rng.uniform(size=(rows, steps)) < 0.7
+    mask[: rows // 3] = np.arange(steps) >= steps // 2  # left padding, as the data has
+    mask[rows // 3: rows // 2] = True
+    scores = rng.uniform(size=(rows, steps)).astype(np.float32)
+    return tf.constant(sequence), tf.constant(mask), tf.constant(scores)
+
+
+@pytest.mark.parametrize("rows", [5, 300])  # one partial block; two full blocks and a partial
+@pytest.mark.parametrize("masked", [True, False])
+def test_fused_gru_matches_the_loop_in_values_and_gradients(rows, masked):
+    units, features = 6, 4
+    sequence, mask, _ = _inputs(rows, 7, features, seed=rows)
+    rng = np.random.default_rng(1)
+    kernel = tf.Variable(rng.normal(size=(features, 3 * units)).astype(np.float32))
+    recurrent_kernel = tf.Variable(rng.normal(size=(units, 3 * units)).astype(np.float32))
+    bias = tf.Variable(rng.normal(size=(2, 3 * units)).astype(np.float32))
+    weights = tf.constant(rng.normal(size=(rows, 7, units)).astype(np.float32))
+    results = []
+    for fused in (False, True):
+        with tf.GradientTape() as tape:
+            tape.watch(sequence)
+            states = unrolled_gru(sequence, mask if masked else None, kernel, recurrent_kernel,
+                                  bias, fused=fused)
+            loss = tf.reduce_sum(states * weights)
+        results.append([states, *tape.gradient(loss, [sequence, kernel, recurrent_kernel, bias])])
+    for name, loop, fused in zip(["states", "d sequence", "d kernel", "d recurrent", "d bias"],
+                                 *results):
+        np.testing.assert_allclose(fused.numpy(), loop.numpy(), rtol=2e-4, atol=2e-5,
+                                   err_msg=name)
+    if masked:  # a padded step carries the state over
+        states = results[1][0].numpy()
+        assert (states[: rows // 3, : 7 // 2] == 0).all()
+
+
+@pytest.mark.parametrize("rows", [5, 300])
+@pytest.mark.parametrize("masked", [True, False])
+def test_fused_augru_matches_the_loop_in_values_and_gradients(rows, masked):
+    units, features = 5, 4
+    sequence, mask, scores = _inputs(rows, 6, features, seed=rows + 1)
+    cell = AUGRUCell(units)
+    cell.build([None, features + 1])
+    rng = np.random.default_rng(2)
+    for w in cell.trainable_weights:
+        w.assign(rng.normal(size=w.shape).astype(np.float32))
+    weights = tf.constant(rng.normal(size=(rows, units)).astype(np.float32))
+    results = []
+    for fused in (False, True):
+        with tf.GradientTape() as tape:
+            tape.watch([sequence, scores])
+            final = unrolled_augru(sequence, scores, mask if masked else None, cell, fused=fused)
+            loss = tf.reduce_sum(final * weights)
+        results.append([final, *tape.gradient(loss, [sequence, scores, *cell.trainable_weights])])
+    names = ["final", "d sequence", "d scores"] + [w.name for w in cell.trainable_weights]
+    for name, loop, fused in zip(names, *results):
+        np.testing.assert_allclose(fused.numpy(), loop.numpy(), rtol=2e-4, atol=2e-5,
+                                   err_msg=name)
+
+
+def test_fused_ops_keep_bfloat16_in_and_out_and_agree_with_float32():
+    sequence, mask, scores = _inputs(9, 5, 4, seed=3)
+    cell = AUGRUCell(4)
+    cell.build([None, 5])
+    low = unrolled_augru(tf.cast(sequence, tf.bfloat16), tf.cast(scores, tf.bfloat16), mask, cell,
+                         fused=True)
+    assert low.dtype == tf.bfloat16
+    full = unrolled_augru(sequence, scores, mask, cell, fused=False)
+    np.testing.assert_allclose(tf.cast(low, tf.float32).numpy(), full.numpy(), atol=3e-2)
+
+
+def test_bad_shapes_are_named():
+    with pytest.raises(tf.errors.InvalidArgumentError, match="mask must be"):
+        recurrent.gru(tf.zeros([2, 3, 6]), tf.zeros([2, 6]), tf.zeros([6]), tf.ones([2, 4]))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="gate_kernel must be"):
+        recurrent.augru(tf.zeros([2, 3, 6]), tf.zeros([2, 3]), tf.zeros([2, 2]), tf.ones([2, 3]),
+                        tf.ones([2, 3]))
+
+
+def test_saved_models_never_contain_the_fused_ops(tmp_path):
+    cell = AUGRUCell(3)
+    cell.build([None, 4])
+
+    class Evolve(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None, 4, 3]), tf.TensorSpec([None, 4])])
+        def __call__(self, sequence, scores):
+            return unrolled_augru(sequence, scores, None, cell)
+
+    module = Evolve()
+    module.cell = cell
+    sequence = tf.random.normal([2, 4, 3])
+    scores = tf.random.uniform([2, 4])
+    eager_graph = module.__call__.get_concrete_function().graph.as_graph_def()
+    assert any(node.op == "SimMerlinAugru" for node in eager_graph.node)
+    tf.saved_model.save(module, str(tmp_path))
+    saved = (tmp_path / "saved_model.pb").read_bytes()
+    assert b"SimMerlinAugru" not in saved
+    loaded = tf.saved_model.load(str(tmp_path))
+    np.testing.assert_allclose(loaded(sequence, scores).numpy(), module(sequence, scores).numpy(),
+                               rtol=1e-5, atol=1e-6)
+
+
+THREADS_SCRIPT = r"""
+import sys
+import numpy as np
+import sim_merlin.tf_compat  # noqa: F401
+import tensorflow as tf
+tf.config.threading.set_intra_op_parallelism_threads(1)
+from sim_merlin.kernels.build import load
+lib = load()
+rng = np.random.default_rng(0)
+B, T, u = 700, 6, 8  # 6 row blocks, the last one partial
+p = tf.constant(rng.normal(size=(B, T, 3 * u)).astype(np.float32))
+mask = tf.constant((rng.uniform(size=(B, T)) < 0.8).astype(np.float32))
+a = tf.constant(rng.uniform(size=(B, T)).astype(np.float32))
+U = tf.constant(rng.normal(size=(u, 3 * u)).astype(np.float32) * 0.3)
+b = tf.constant(rng.normal(size=(3 * u,)).astype(np.float32))
+Wg = tf.constant(rng.normal(size=(u, 2 * u)).astype(np.float32) * 0.3)
+Wc = tf.constant(rng.normal(size=(u, u)).astype(np.float32) * 0.3)
+out = {}
+for threads in (1, 3):
+    for bf16 in (False, True):
+        states = lib.sim_merlin_gru(p, U, b, mask, bf16_products=bf16, threads=threads)
+        grads = lib.sim_merlin_gru_grad(p, U, b, mask, states, states, bf16_products=bf16,
+                                        threads=threads)
+        final = lib.sim_merlin_augru(p, Wg, Wc, a, mask, bf16_products=bf16, threads=threads)
+        agrads = lib.sim_merlin_augru_grad(p, Wg, Wc, a, mask, final, bf16_products=bf16,
+                                           threads=threads)
+        out[threads, bf16] = [t.numpy() for t in (states, *grads, final, *agrads)]
+for bf16 in (False, True):
+    for x, y in zip(out[1, bf16], out[3, bf16]):
+        assert np.array_equal(x, y), "results depend on the number of threads"
+print("identical")
+"""
+
+
+def test_kernels_on_their_own_threads_give_the_same_bits_as_on_one(tmp_path):
+    """With a one-thread intra-op pool the kernels split their row blocks over threads of their
+    own; the weight gradients are summed in block order, so --deterministic holds."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "threads.py"
+    script.write_text(THREADS_SCRIPT)
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "identical" in result.stdout
+
+
+def test_functions_traced_under_plain_ops_hold_no_custom_op():
+    """XLA's jit_compile cannot compile custom ops: the trainer traces its jit-compiled
+    prediction step under plain_ops()."""
+    sequence, mask, _ = _inputs(4, 3, 2, seed=5)
+    weights = [tf.zeros([2, 9]), tf.zeros([3, 9]), tf.zeros([2, 9])]
+    fused = tf.function(lambda s: unrolled_gru(s, mask, *weights)).get_concrete_function(sequence)
+    with recurrent.plain_ops():
+        plain = tf.function(lambda s: unrolled_gru(s, mask, *weights)).get_concrete_function(
+            sequence)
+    assert recurrent.available()  # restored on leaving the block
+    assert "SimMerlinGru" in {op.type for op in fused.graph.get_operations()}
+    assert "SimMerlinGru" not in {op.type for op in plain.graph.get_operations()}
