@@ -105,5 +105,5 @@ def _gru_gradient(op, states_grad):
 def _augru_gradient(op, final_grad):
     grads = _library().sim_merlin_augru_grad(*op.inputs, final_grad,
                                              bf16_products=op.get_attr("bf16_products"),
-                                           threads=op.get_attr("threads"))
+                                             threads=op.get_attr("threads"))
     return [*grads, None]
