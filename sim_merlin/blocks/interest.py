@@ -9,7 +9,9 @@ Both recurrent layers run as a loop unrolled over the (static) sequence length, 
 projections of all steps done in one matrix product before the loop; only the products with the
 state remain inside it. The arithmetic is that of Keras's ``GRU`` (``reset_after=True``) and of
 ``keras.layers.RNN(AUGRUCell)``, whose weights they keep, with fewer and larger matrix products
-than Keras's ``while`` loop and no loop bookkeeping (tests compare values and gradients). A
+than Keras's ``while`` loop and no loop bookkeeping (tests compare values and gradients). Where
+the fused C++ kernels are available (:mod:`sim_merlin.kernels.recurrent`) the state recurrence
+after the input projection is one op, forward and backward, with the same arithmetic. A
 sequence whose length is unknown when the model is traced falls back to Keras's loop.
 
 Unlike the reference, padded steps do not change the recurrent state (Keras masking), and the

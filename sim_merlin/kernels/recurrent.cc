@@ -45,7 +45,6 @@ using sim_merlin::Products;
 using sim_merlin::View;
 using sim_merlin::Weight;
 using MatrixMap = Eigen::Map<Matrix>;
-using ConstMatrixMap = Eigen::Map<const Matrix>;
 using ConstRowMap = Eigen::Map<const Eigen::RowVectorXf>;
 using Array = Eigen::Array<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 using Column = Eigen::ArrayXf;  // one value per row of a block (mask, attention score)
@@ -106,8 +105,7 @@ inline void ScatterColumn(const float* source, int64_t steps, int64_t begin, int
   for (int64_t i = 0; i < n; ++i) target[(begin + i) * steps + t] = source[i];
 }
 
-Status CheckRecurrentInputs(OpKernelContext* context, const Tensor& projected,
-                            const Tensor& mask, int64_t units, int64_t gate_width) {
+Status CheckRecurrentInputs(const Tensor& projected, const Tensor& mask, int64_t gate_width) {
   if (projected.dims() != 3 || projected.dim_size(2) != gate_width) {
     return tensorflow::errors::InvalidArgument(
         "projected must be [batch, steps, ", gate_width, "], got ",
@@ -120,8 +118,6 @@ Status CheckRecurrentInputs(OpKernelContext* context, const Tensor& projected,
                                                projected.dim_size(1), ", got ",
                                                mask.shape().DebugString());
   }
-  (void)context;
-  (void)units;
   return Status();
 }
 
@@ -180,7 +176,7 @@ class GruOp : public OpKernel {
                 tensorflow::errors::InvalidArgument("recurrent_kernel must be [u, 3u], got ",
                                                     kernel.shape().DebugString()));
     const int64_t u = kernel.dim_size(0);
-    OP_REQUIRES_OK(context, CheckRecurrentInputs(context, projected, mask, u, 3 * u));
+    OP_REQUIRES_OK(context, CheckRecurrentInputs(projected, mask, 3 * u));
     OP_REQUIRES(context, bias.NumElements() == 3 * u,
                 tensorflow::errors::InvalidArgument("recurrent_bias must have 3u elements"));
     const int64_t rows = projected.dim_size(0), steps = projected.dim_size(1);
@@ -232,7 +228,7 @@ class GruGradOp : public OpKernel {
     const Tensor& states = context->input(4);
     const Tensor& states_grad = context->input(5);
     const int64_t u = kernel.dim_size(0);
-    OP_REQUIRES_OK(context, CheckRecurrentInputs(context, projected, mask, u, 3 * u));
+    OP_REQUIRES_OK(context, CheckRecurrentInputs(projected, mask, 3 * u));
     const int64_t rows = projected.dim_size(0), steps = projected.dim_size(1);
     OP_REQUIRES(context, states.shape() == states_grad.shape() && states.dims() == 3 &&
                              states.dim_size(0) == rows && states.dim_size(1) == steps &&
