@@ -139,7 +139,8 @@ def build_kernels(python: Path) -> None:
     if result.returncode == 0:
         log(f"fused kernels: {result.stdout.strip()}")
     else:
-        log("fused kernels could not be built (see above): the models use plain TensorFlow ops")
+        log(f"fused kernels could not be built (exit status {result.returncode}; the compiler's "
+            "message, if any, is above): the models use plain TensorFlow ops")
 
 
 def main(argv=None) -> int:
