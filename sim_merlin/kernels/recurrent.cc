@@ -160,12 +160,22 @@ REGISTER_OP("SimMerlinGruGrad")
       return Status();
     });
 
-class GruOp : public OpKernel {
+// The attributes every recurrent kernel reads: bfloat16 products, and its own thread count.
+class RecurrentKernel : public OpKernel {
  public:
-  explicit GruOp(OpKernelConstruction* context) : OpKernel(context) {
+  explicit RecurrentKernel(OpKernelConstruction* context) : OpKernel(context) {
     OP_REQUIRES_OK(context, context->GetAttr("bf16_products", &bf16_));
     OP_REQUIRES_OK(context, context->GetAttr("threads", &threads_));
   }
+
+ protected:
+  bool bf16_ = false;
+  int threads_ = 0;
+};
+
+class GruOp : public RecurrentKernel {
+ public:
+  using RecurrentKernel::RecurrentKernel;
 
   void Compute(OpKernelContext* context) override {
     const Tensor& projected = context->input(0);
@@ -207,18 +217,11 @@ class GruOp : public OpKernel {
       }
     });
   }
-
- private:
-  bool bf16_ = false;
-  int threads_ = 0;
 };
 
-class GruGradOp : public OpKernel {
+class GruGradOp : public RecurrentKernel {
  public:
-  explicit GruGradOp(OpKernelConstruction* context) : OpKernel(context) {
-    OP_REQUIRES_OK(context, context->GetAttr("bf16_products", &bf16_));
-    OP_REQUIRES_OK(context, context->GetAttr("threads", &threads_));
-  }
+  using RecurrentKernel::RecurrentKernel;
 
   void Compute(OpKernelContext* context) override {
     const Tensor& projected = context->input(0);
@@ -298,10 +301,6 @@ class GruGradOp : public OpKernel {
     for (const Matrix& part : block_dUs) dU += part;
     for (const Eigen::RowVectorXf& part : block_dbs) db += part;
   }
-
- private:
-  bool bf16_ = false;
-  int threads_ = 0;
 };
 
 // ------------------------------------------------------------------------------------------------
@@ -417,12 +416,9 @@ Status CheckAugruInputs(const Tensor& projected, const Tensor& gate_kernel,
   return Status();
 }
 
-class AugruOp : public OpKernel {
+class AugruOp : public RecurrentKernel {
  public:
-  explicit AugruOp(OpKernelConstruction* context) : OpKernel(context) {
-    OP_REQUIRES_OK(context, context->GetAttr("bf16_products", &bf16_));
-    OP_REQUIRES_OK(context, context->GetAttr("threads", &threads_));
-  }
+  using RecurrentKernel::RecurrentKernel;
 
   void Compute(OpKernelContext* context) override {
     const Tensor &projected = context->input(0), &gate_kernel = context->input(1),
@@ -446,18 +442,11 @@ class AugruOp : public OpKernel {
       std::copy_n(last, (end - begin) * u, out + begin * u);
     });
   }
-
- private:
-  bool bf16_ = false;
-  int threads_ = 0;
 };
 
-class AugruGradOp : public OpKernel {
+class AugruGradOp : public RecurrentKernel {
  public:
-  explicit AugruGradOp(OpKernelConstruction* context) : OpKernel(context) {
-    OP_REQUIRES_OK(context, context->GetAttr("bf16_products", &bf16_));
-    OP_REQUIRES_OK(context, context->GetAttr("threads", &threads_));
-  }
+  using RecurrentKernel::RecurrentKernel;
 
   void Compute(OpKernelContext* context) override {
     const Tensor &projected = context->input(0), &gate_kernel = context->input(1),
@@ -536,10 +525,6 @@ class AugruGradOp : public OpKernel {
     for (const Matrix& part : block_dWgs) dWg += part;
     for (const Matrix& part : block_dWcs) dWc += part;
   }
-
- private:
-  bool bf16_ = false;
-  int threads_ = 0;
 };
 
 REGISTER_KERNEL_BUILDER(Name("SimMerlinGru").Device(DEVICE_CPU), GruOp);
