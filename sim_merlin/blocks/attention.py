@@ -20,6 +20,7 @@ import merlin.models.tf as mm
 import tensorflow as tf
 
 from sim_merlin.blocks.sequence import dense_sequence
+from sim_merlin.kernels import model_ops, sigmoid_mlp as fused_mlp
 
 SCORINGS = ("dot", "din")
 
@@ -102,13 +103,17 @@ class TargetAttention(mm.Block):
                                  tf.cast(first.bias, keys.dtype))
         shape = tf.shape(keys)
         hidden = tf.reshape(hidden, tf.stack([shape[0], shape[1], hidden.shape[-1]]))
-        hidden = first.activation(hidden + tf.expand_dims(per_row, 1))
         # The other layers on a 2-D [batch * length, units] input: product, bias and activation
-        # then run as one fused oneDNN kernel (Keras's 3-D path, tensordot, does not fuse).
-        hidden = tf.reshape(hidden, [-1, hidden.shape[-1]])
-        for layer in rest:
-            hidden = layer(hidden)
-        return tf.reshape(hidden, shape[:2])
+        # then run as one fused oneDNN kernel (Keras's 3-D path, tensordot, does not fuse); with
+        # sigmoids, the fused kernel runs them all as one op (sim_merlin.kernels.sigmoid_mlp).
+        pre = tf.reshape(hidden + tf.expand_dims(per_row, 1), [-1, hidden.shape[-1]])
+        if self.activation == "sigmoid" and model_ops.available():
+            scores = tf.cast(fused_mlp.keras_layers(pre, rest), keys.dtype)
+        else:
+            scores = first.activation(pre)
+            for layer in rest:
+                scores = layer(scores)
+        return tf.reshape(scores, shape[:2])
 
     def call(self, query, keys=None, mask=None, return_weights=False, training=False):
         if isinstance(query, (list, tuple)):

@@ -36,7 +36,7 @@ import tensorflow as tf
 
 from sim_merlin.blocks.attention import TargetAttention
 from sim_merlin.blocks.sequence import dense_sequence
-from sim_merlin.kernels import recurrent as fused_kernels
+from sim_merlin.kernels import model_ops, recurrent as fused_kernels, sigmoid_mlp as fused_mlp
 
 
 @tf.keras.utils.register_keras_serializable(package="sim_merlin")
@@ -100,8 +100,8 @@ def _dense_apply(x: tf.Tensor, kernel: tf.Tensor, bias=None) -> tf.Tensor:
 
 def _use_fused(fused) -> bool:
     if fused is None:
-        return fused_kernels.available()
-    if fused and not fused_kernels.available():
+        return model_ops.available()
+    if fused and not model_ops.available():
         raise RuntimeError("the fused recurrent kernels are not available here")
     return bool(fused)
 
@@ -307,14 +307,20 @@ class AuxiliaryLoss(mm.Block):
                                         [state_dim, -1], axis=0)
         shared = _dense_apply(earlier, w_state, tf.cast(first.bias, states.dtype))
         behaviours = tf.stack(later)  # [2, batch, length - 1, dim]: one product for both
-        x = first.activation(tf.expand_dims(shared, 0) + _dense_apply(behaviours, w_behaviour))
-        shape = tf.shape(x)[:-1]
-        x = tf.reshape(x, [-1, x.shape[-1]])  # 2-D: product, bias, activation fuse (oneDNN)
-        for layer in hidden_layers:
-            x = layer(x)
-        if self.dropout is not None:
-            x = self.dropout(x, training=training)
-        click, no_click = tf.unstack(tf.reshape(self.scorer_layers[-1](x), shape))
+        pre = tf.expand_dims(shared, 0) + _dense_apply(behaviours, w_behaviour)
+        shape = tf.shape(pre)[:-1]
+        pre = tf.reshape(pre, [-1, pre.shape[-1]])  # 2-D: product, bias, activation fuse (oneDNN)
+        if self.dropout is None and model_ops.available():
+            # the rest of the tower as one op (sim_merlin.kernels.sigmoid_mlp), same function
+            logits = fused_mlp.keras_layers(pre, self.scorer_layers[1:])
+        else:
+            x = first.activation(pre)
+            for layer in hidden_layers:
+                x = layer(x)
+            if self.dropout is not None:
+                x = self.dropout(x, training=training)
+            logits = self.scorer_layers[-1](x)
+        click, no_click = tf.unstack(tf.reshape(logits, shape))
         return click, no_click
 
     def call(self, states, positive=None, negative=None, mask=None, training=False):

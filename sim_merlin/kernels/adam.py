@@ -26,12 +26,13 @@ from __future__ import annotations
 import sim_merlin.tf_compat  # noqa: F401
 import tensorflow as tf
 
-from sim_merlin.environment import visible_gpu_count
+from sim_merlin.kernels import build
 from sim_merlin.kernels.build import load as _library, threads as _threads
 
 
 def available() -> bool:
-    return visible_gpu_count() == 0 and _library() is not None
+    """The op can be used here (the library loads; CPU variables)."""
+    return build.usable()
 
 
 def lazy_update(variable, m, v, gradient: tf.IndexedSlices, learning_rate, beta_1, beta_2,

@@ -1,4 +1,5 @@
-"""Compile and load the fused kernels' shared library (``recurrent.cc``, ``adam.cc``).
+"""Compile and load the fused kernels' shared library (``recurrent.cc``, ``sigmoid_mlp.cc``,
+``adam.cc``).
 
 The library is built with the installed TensorFlow's compile and link flags and the host's
 instruction set (``-march=native``: it is built where it runs), into a cache directory keyed by
@@ -25,8 +26,8 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).parent
-SOURCES = (HERE / "recurrent.cc", HERE / "adam.cc")
-HEADERS = (HERE / "products.h", HERE / "parallel.h")
+SOURCES = (HERE / "recurrent.cc", HERE / "sigmoid_mlp.cc", HERE / "adam.cc")
+HEADERS = (HERE / "products.h", HERE / "parallel.h", HERE / "rows.h")
 LIBRARY = "sim_merlin_kernels.so"
 DISABLE_VARIABLE = "SIM_MERLIN_FUSED_KERNELS"
 CACHE_VARIABLE = "SIM_MERLIN_KERNEL_CACHE"
@@ -56,6 +57,22 @@ def _cpu_flags() -> str:
 
 
 @functools.lru_cache(maxsize=None)
+def _arch_flags(cxx: str) -> tuple[str, ...]:
+    """``-march=native``, without AVX512-FP16 where the compiler would enable it: the Eigen that
+    TensorFlow ships does not compile with it (g++ 12: ``predux_half_dowto4``), and the kernels
+    have no half-precision code."""
+    flags = ("-march=native",)
+    if "avx512_fp16" not in _cpu_flags():
+        return flags
+    try:
+        probe = subprocess.run([cxx, *flags, "-mno-avx512fp16", "-E", "-x", "c++", os.devnull],
+                               capture_output=True, check=False)
+    except OSError:  # no such compiler: build() says so
+        return flags
+    return flags + ("-mno-avx512fp16",) if probe.returncode == 0 else flags
+
+
+@functools.lru_cache(maxsize=None)
 def _tensorflow_flags() -> tuple[list[str], list[str], str]:
     import tensorflow as tf  # the caller has set up TensorFlow (sim_merlin.tf_compat)
 
@@ -66,8 +83,10 @@ def library_path() -> Path:
     """Where the library for this source, TensorFlow, compiler and CPU is (or will be) cached."""
     compile_flags, link_flags, version = _tensorflow_flags()
     key = hashlib.sha256()
-    for part in (*(f.read_bytes() for f in SOURCES + HEADERS), version.encode(), " ".join(compile_flags).encode(),
-                 " ".join(link_flags).encode(), str(compiler()).encode(), _cpu_flags().encode()):
+    cxx = str(compiler())
+    for part in (*(f.read_bytes() for f in SOURCES + HEADERS), version.encode(),
+                 " ".join(compile_flags + list(_arch_flags(cxx))).encode(),
+                 " ".join(link_flags).encode(), cxx.encode(), _cpu_flags().encode()):
         key.update(part)
         key.update(b"\0")
     root = Path(os.environ.get(CACHE_VARIABLE)
@@ -76,7 +95,8 @@ def library_path() -> Path:
 
 
 def build(force: bool = False, quiet: bool = False) -> Path:
-    """Compile the library unless it is cached; return its path. Raises :class:`KernelBuildError`."""
+    """Compile the library unless it is cached; return its path. Raises
+    :class:`KernelBuildError`."""
     target = library_path()
     if target.exists() and not force:
         return target
@@ -88,7 +108,7 @@ def build(force: bool = False, quiet: bool = False) -> Path:
     handle, partial = tempfile.mkstemp(prefix=".kernels-", suffix=".so.partial",
                                        dir=target.parent)
     os.close(handle)
-    command = [cxx, "-O3", "-march=native", "-shared", "-fPIC", "-w", *compile_flags,
+    command = [cxx, "-O3", *_arch_flags(cxx), "-shared", "-fPIC", "-w", *compile_flags,
                *(str(f) for f in SOURCES), "-o", partial, *link_flags]
     if not quiet:
         print(f"sim-merlin: compiling the fused kernels ({', '.join(f.name for f in SOURCES)}, "
@@ -118,6 +138,14 @@ def load():
         print(f"sim-merlin: fused kernels unavailable, using plain TensorFlow ops ({error})",
               file=sys.stderr)
         return None
+
+
+def usable() -> bool:
+    """The library is loaded (or loads now) and this process computes on the CPU (the kernels
+    are CPU kernels)."""
+    from sim_merlin.environment import visible_gpu_count
+
+    return visible_gpu_count() == 0 and load() is not None
 
 
 def threads() -> int:

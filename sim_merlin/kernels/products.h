@@ -47,6 +47,14 @@ inline uint16_t ToBf16(float x) {  // round to nearest even (no NaN inputs here)
   return static_cast<uint16_t>(bits >> 16);
 }
 
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+// The first min(count, 16) lanes (none when count <= 0): masked loads of a row's last columns.
+inline __mmask16 TailMask(int64_t count) {
+  return count >= 16 ? static_cast<__mmask16>(0xFFFF)
+                     : static_cast<__mmask16>(count <= 0 ? 0u : (1u << count) - 1u);
+}
+#endif
+
 // B [K, N] as bfloat16 pairs: data[((k / 2) * padded_cols + j) * 2 + k % 2], zero padded to an
 // even K and to N rounded up to 16 columns (one 512-bit register of float32 sums).
 struct PackedB {
@@ -61,17 +69,18 @@ inline void Pack(const View& b, PackedB* out) {
   out->data.assign(out->pairs * out->padded_cols * 2, 0);
   uint16_t* target = out->data.data();
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
-  if (b.col_stride == 1 && b.cols % 16 == 0) {
+  if (b.col_stride == 1) {
     for (int64_t p = 0; p < out->pairs; ++p) {
       const float* even = b.data + (2 * p) * b.row_stride;
       const bool has_odd = 2 * p + 1 < b.rows;
-      const float* odd = b.data + (2 * p + 1) * b.row_stride;
-      for (int64_t j = 0; j < b.cols; j += 16) {
-        const __m256bh lo = _mm512_cvtneps_pbh(_mm512_loadu_ps(even + j));
+      const float* odd = even + b.row_stride;
+      for (int64_t j = 0; j < b.cols; j += 16) {  // the padding columns load as zeros
+        const __mmask16 valid = TailMask(b.cols - j);
+        const __m256bh lo = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(valid, even + j));
         const __m512i lo32 = _mm512_cvtepu16_epi32(reinterpret_cast<const __m256i&>(lo));
         __m512i pair = lo32;
         if (has_odd) {
-          const __m256bh hi = _mm512_cvtneps_pbh(_mm512_loadu_ps(odd + j));
+          const __m256bh hi = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(valid, odd + j));
           pair = _mm512_or_si512(
               lo32, _mm512_slli_epi32(_mm512_cvtepu16_epi32(reinterpret_cast<const __m256i&>(hi)),
                                       16));
@@ -95,13 +104,16 @@ inline void PackRows(const View& a, std::vector<uint32_t>* out, int64_t* pairs) 
   out->resize(a.rows * *pairs);
   uint32_t* target = out->data();
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
-  if (a.col_stride == 1 && a.cols % 32 == 0) {
+  if (a.col_stride == 1) {
     for (int64_t i = 0; i < a.rows; ++i) {
       const float* row = a.data + i * a.row_stride;
-      for (int64_t k = 0; k < a.cols; k += 32) {
-        const __m512bh both = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(row + k + 16),
-                                                  _mm512_loadu_ps(row + k));
-        _mm512_storeu_si512(target + i * *pairs + k / 2, reinterpret_cast<const __m512i&>(both));
+      uint32_t* words = target + i * *pairs;
+      for (int64_t k = 0; k < a.cols; k += 32) {  // masked loads: an odd K pads with a zero
+        const __m512bh both = _mm512_cvtne2ps_pbh(
+            _mm512_maskz_loadu_ps(TailMask(a.cols - k - 16), row + k + 16),
+            _mm512_maskz_loadu_ps(TailMask(a.cols - k), row + k));
+        _mm512_mask_storeu_epi32(words + k / 2, TailMask(*pairs - k / 2),
+                                 reinterpret_cast<const __m512i&>(both));
       }
     }
     return;

@@ -21,8 +21,8 @@
 #include <vector>
 
 #include "Eigen/Core"
-#include "parallel.h"
 #include "products.h"
+#include "rows.h"
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/shape_inference.h"
@@ -42,6 +42,11 @@ using tensorflow::shape_inference::ShapeHandle;
 
 using sim_merlin::Matrix;
 using sim_merlin::Products;
+using sim_merlin::Bfloat16;
+using sim_merlin::InputRows;
+using sim_merlin::OutputRows;
+using sim_merlin::Sigmoid;
+using sim_merlin::StoreRows;
 using sim_merlin::View;
 using sim_merlin::Weight;
 using MatrixMap = Eigen::Map<Matrix>;
@@ -51,27 +56,12 @@ using Column = Eigen::ArrayXf;  // one value per row of a block (mask, attention
 
 constexpr int64_t kRowsPerBlock = 128;  // a block's whole recurrence stays in L2
 
-inline int64_t BlockCount(int64_t rows) { return (rows + kRowsPerBlock - 1) / kRowsPerBlock; }
+inline int64_t BlockCount(int64_t rows) { return sim_merlin::BlockCount(rows, kRowsPerBlock); }
 
-// Splits [0, rows) into blocks of kRowsPerBlock and runs `work(begin, end)` on each, in parallel.
 template <typename Work>
 void ForEachRowBlock(OpKernelContext* context, int threads, int64_t rows, int64_t cost_per_row,
                      Work work) {
-  const int64_t blocks = BlockCount(rows);
-  sim_merlin::ParallelFor(context, blocks, cost_per_row * kRowsPerBlock, threads,
-                          [&](int64_t first, int64_t last) {
-                            for (int64_t block = first; block < last; ++block) {
-                              const int64_t begin = block * kRowsPerBlock;
-                              work(begin, std::min(rows, begin + kRowsPerBlock));
-                            }
-                          });
-}
-
-// sigmoid(x) = (1 + tanh(x / 2)) / 2: Eigen's vectorised tanh is a short rational function, several
-// times cheaper than its logistic (which TensorFlow's Sigmoid uses); they agree to float32 rounding.
-template <typename Expression>
-inline auto Sigmoid(const Expression& x) {
-  return 0.5f * (0.5f * x).tanh() + 0.5f;
+  sim_merlin::ForEachRowBlock(context, threads, rows, kRowsPerBlock, cost_per_row, work);
 }
 
 using StepRows = Eigen::Map<Matrix, 0, Eigen::OuterStride<>>;
@@ -125,13 +115,14 @@ Status CheckRecurrentInputs(const Tensor& projected, const Tensor& mask, int64_t
 // GRU
 
 REGISTER_OP("SimMerlinGru")
+    .Attr("T: {float, bfloat16}")  // the model's dtype: the large inputs' and outputs' (rows.h)
     .Attr("bf16_products: bool = false")  // bfloat16 products, float32 sums
     .Attr("threads: int = 0")  // > 1: own threads when the intra-op pool has one (parallel.h)
-    .Input("projected: float")         // [B, T, 3u]: x W + input bias
+    .Input("projected: T")             // [B, T, 3u]: x W + input bias
     .Input("recurrent_kernel: float")  // [u, 3u]
     .Input("recurrent_bias: float")    // [3u]
     .Input("mask: float")              // [B, T], 1 = step taken
-    .Output("states: float")           // [B, T, u]
+    .Output("states: T")               // [B, T, u]
     .SetShapeFn([](InferenceContext* c) {
       ShapeHandle projected, kernel;
       TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 3, &projected));
@@ -142,15 +133,16 @@ REGISTER_OP("SimMerlinGru")
     });
 
 REGISTER_OP("SimMerlinGruGrad")
+    .Attr("T: {float, bfloat16}")
     .Attr("bf16_products: bool = false")  // bfloat16 products, float32 sums
     .Attr("threads: int = 0")  // > 1: own threads when the intra-op pool has one (parallel.h)
-    .Input("projected: float")
+    .Input("projected: T")
     .Input("recurrent_kernel: float")
     .Input("recurrent_bias: float")
     .Input("mask: float")
-    .Input("states: float")       // the forward output
-    .Input("states_grad: float")  // [B, T, u]
-    .Output("projected_grad: float")
+    .Input("states: T")       // the forward output
+    .Input("states_grad: T")  // [B, T, u]
+    .Output("projected_grad: T")
     .Output("recurrent_kernel_grad: float")
     .Output("recurrent_bias_grad: float")
     .SetShapeFn([](InferenceContext* c) {
@@ -160,22 +152,10 @@ REGISTER_OP("SimMerlinGruGrad")
       return Status();
     });
 
-// The attributes every recurrent kernel reads: bfloat16 products, and its own thread count.
-class RecurrentKernel : public OpKernel {
+template <typename T>
+class GruOp : public sim_merlin::RowBlockKernel {
  public:
-  explicit RecurrentKernel(OpKernelConstruction* context) : OpKernel(context) {
-    OP_REQUIRES_OK(context, context->GetAttr("bf16_products", &bf16_));
-    OP_REQUIRES_OK(context, context->GetAttr("threads", &threads_));
-  }
-
- protected:
-  bool bf16_ = false;
-  int threads_ = 0;
-};
-
-class GruOp : public RecurrentKernel {
- public:
-  using RecurrentKernel::RecurrentKernel;
+  using RowBlockKernel::RowBlockKernel;
 
   void Compute(OpKernelContext* context) override {
     const Tensor& projected = context->input(0);
@@ -192,14 +172,18 @@ class GruOp : public RecurrentKernel {
     const int64_t rows = projected.dim_size(0), steps = projected.dim_size(1);
     Tensor* states = nullptr;
     OP_REQUIRES_OK(context, context->allocate_output(0, TensorShape({rows, steps, u}), &states));
-    const float* p = projected.flat<float>().data();
+    const T* projected_rows = projected.flat<T>().data();
     const float* m = mask.flat<float>().data();
-    float* out = states->flat<float>().data();
+    T* states_rows = states->flat<T>().data();
     const Weight U({kernel.flat<float>().data(), u, 3 * u, 3 * u, 1}, bf16_);
     ConstRowMap b(bias.flat<float>().data(), 3 * u);
 
     ForEachRowBlock(context, threads_, rows, steps * u * 3 * u * 2, [&](int64_t begin, int64_t end) {
       const int64_t n = end - begin;
+      std::vector<float> in_buffer, out_buffer;  // this block's rows as float32 (rows.h)
+      const float* p = InputRows(projected_rows + begin * steps * 3 * u, n * steps * 3 * u,
+                                 &in_buffer);
+      float* out = OutputRows(states_rows + begin * steps * u, n * steps * u, &out_buffer);
       Products products(bf16_);
       Matrix h = Matrix::Zero(n, u), inner(n, 3 * u);
       Array zr(n, 2 * u), c(n, u);
@@ -207,21 +191,23 @@ class GruOp : public RecurrentKernel {
       for (int64_t t = 0; t < steps; ++t) {
         products.Multiply(View::Of(h), U, inner.data(), 3 * u, false);
         inner.rowwise() += b;
-        const auto x = StepOf(p, steps, 3 * u, begin, n, t);
+        const auto x = StepOf(p, steps, 3 * u, 0, n, t);
         GatherColumn(m, steps, begin, n, t, keep.data());
         zr = Sigmoid(x.leftCols(2 * u).array() + inner.leftCols(2 * u).array());
         c = (x.rightCols(u).array() + zr.rightCols(u) * inner.rightCols(u).array()).tanh();
         const auto z = zr.leftCols(u);
         h.array() += ((z * h.array() + (1.0f - z) * c) - h.array()).colwise() * keep;
-        StepOf(out, steps, u, begin, n, t) = h;
+        StepOf(out, steps, u, 0, n, t) = h;
       }
+      StoreRows(out, n * steps * u, states_rows + begin * steps * u);
     });
   }
 };
 
-class GruGradOp : public RecurrentKernel {
+template <typename T>
+class GruGradOp : public sim_merlin::RowBlockKernel {
  public:
-  using RecurrentKernel::RecurrentKernel;
+  using RowBlockKernel::RowBlockKernel;
 
   void Compute(OpKernelContext* context) override {
     const Tensor& projected = context->input(0);
@@ -241,11 +227,11 @@ class GruGradOp : public RecurrentKernel {
     OP_REQUIRES_OK(context, context->allocate_output(0, projected.shape(), &projected_grad));
     OP_REQUIRES_OK(context, context->allocate_output(1, kernel.shape(), &kernel_grad));
     OP_REQUIRES_OK(context, context->allocate_output(2, bias.shape(), &bias_grad));
-    const float* p = projected.flat<float>().data();
+    const T* projected_rows = projected.flat<T>().data();
     const float* m = mask.flat<float>().data();
-    const float* hs = states.flat<float>().data();
-    const float* dhs = states_grad.flat<float>().data();
-    float* dp = projected_grad->flat<float>().data();
+    const T* states_rows = states.flat<T>().data();
+    const T* states_grad_rows = states_grad.flat<T>().data();
+    T* projected_grad_rows = projected_grad->flat<T>().data();
     const View kernel_view{kernel.flat<float>().data(), u, 3 * u, 3 * u, 1};
     const Weight U(kernel_view, bf16_), U_transposed(kernel_view.Transposed(), bf16_);
     ConstRowMap b(bias.flat<float>().data(), 3 * u);
@@ -260,6 +246,14 @@ class GruGradOp : public RecurrentKernel {
 
     ForEachRowBlock(context, threads_, rows, steps * u * 3 * u * 6, [&](int64_t begin, int64_t end) {
       const int64_t n = end - begin;
+      std::vector<float> p_buffer, hs_buffer, dhs_buffer, dp_buffer;  // as float32 (rows.h)
+      const float* p = InputRows(projected_rows + begin * steps * 3 * u, n * steps * 3 * u,
+                                 &p_buffer);
+      const float* hs = InputRows(states_rows + begin * steps * u, n * steps * u, &hs_buffer);
+      const float* dhs = InputRows(states_grad_rows + begin * steps * u, n * steps * u,
+                                   &dhs_buffer);
+      float* dp = OutputRows(projected_grad_rows + begin * steps * 3 * u, n * steps * 3 * u,
+                             &dp_buffer);
       Products products(bf16_);
       Matrix& block_dU = block_dUs[begin / kRowsPerBlock];
       Eigen::RowVectorXf& block_db = block_dbs[begin / kRowsPerBlock];
@@ -269,14 +263,14 @@ class GruGradOp : public RecurrentKernel {
       Array zr(n, 2 * u), c(n, u), total(n, u), through(n, u), dc(n, u);
       Column keep(n);
       for (int64_t t = steps - 1; t >= 0; --t) {
-        const View previous_view = t == 0 ? View::Of(zeros) : StepView(hs, steps, u, begin, n, t - 1);
+        const View previous_view = t == 0 ? View::Of(zeros) : StepView(hs, steps, u, 0, n, t - 1);
         const ConstStepRows previous(previous_view.data, n, u,
                                      Eigen::OuterStride<>(previous_view.row_stride));
         products.Multiply(previous_view, U, inner.data(), 3 * u, false);
         inner.rowwise() += b;
-        const auto x = StepOf(p, steps, 3 * u, begin, n, t);
-        const auto dh = StepOf(dhs, steps, u, begin, n, t);
-        auto d_projected = StepOf(dp, steps, 3 * u, begin, n, t).array();
+        const auto x = StepOf(p, steps, 3 * u, 0, n, t);
+        const auto dh = StepOf(dhs, steps, u, 0, n, t);
+        auto d_projected = StepOf(dp, steps, 3 * u, 0, n, t).array();
         GatherColumn(m, steps, begin, n, t, keep.data());
         zr = Sigmoid(x.leftCols(2 * u).array() + inner.leftCols(2 * u).array());
         const auto z = zr.leftCols(u);
@@ -297,6 +291,7 @@ class GruGradOp : public RecurrentKernel {
         g.array() = through * z + total.colwise() * (1.0f - keep);
         products.Multiply(View::Of(d_inner), U_transposed, g.data(), u, true);
       }
+      StoreRows(dp, n * steps * 3 * u, projected_grad_rows + begin * steps * 3 * u);
     });
     for (const Matrix& part : block_dUs) dU += part;
     for (const Eigen::RowVectorXf& part : block_dbs) db += part;
@@ -307,9 +302,10 @@ class GruGradOp : public RecurrentKernel {
 // AUGRU
 
 REGISTER_OP("SimMerlinAugru")
+    .Attr("T: {float, bfloat16}")  // the dtype of the large input (rows.h)
     .Attr("bf16_products: bool = false")  // bfloat16 products, float32 sums
     .Attr("threads: int = 0")  // > 1: own threads when the intra-op pool has one (parallel.h)
-    .Input("projected: float")       // [B, T, 3u]: x [W_gx | W_cx] + [b_g | b_c]
+    .Input("projected: T")           // [B, T, 3u]: x [W_gx | W_cx] + [b_g | b_c]
     .Input("gate_kernel: float")     // [u, 2u]: the state's part of the gate kernel (r, u)
     .Input("candidate_kernel: float")  // [u, u]: the state's part of the candidate kernel
     .Input("scores: float")          // [B, T] attention scores a_t
@@ -324,15 +320,16 @@ REGISTER_OP("SimMerlinAugru")
     });
 
 REGISTER_OP("SimMerlinAugruGrad")
+    .Attr("T: {float, bfloat16}")
     .Attr("bf16_products: bool = false")  // bfloat16 products, float32 sums
     .Attr("threads: int = 0")  // > 1: own threads when the intra-op pool has one (parallel.h)
-    .Input("projected: float")
+    .Input("projected: T")
     .Input("gate_kernel: float")
     .Input("candidate_kernel: float")
     .Input("scores: float")
     .Input("mask: float")
     .Input("final_state_grad: float")  // [B, u]
-    .Output("projected_grad: float")
+    .Output("projected_grad: T")
     .Output("gate_kernel_grad: float")
     .Output("candidate_kernel_grad: float")
     .Output("scores_grad: float")
@@ -358,7 +355,8 @@ struct AugruBlock {
     }
   }
 
-  // Runs the recurrence; returns a pointer to the final state [n, u].
+  // Runs the recurrence of rows begin.. (p: their projections, [n, T, 3u]; a, m: the whole
+  // [B, T] scores and mask); returns a pointer to the final state [n, u].
   const float* Run(const float* p, const Weight& gate_kernel, const Weight& candidate_kernel,
                    const float* a, const float* m, int64_t begin, Products* products) {
     Matrix gates(n, 2 * u), reset_state(n, u), candidate_in(n, u);
@@ -369,7 +367,7 @@ struct AugruBlock {
       const int64_t now = keep_all ? t : (t % 2), next = keep_all ? t + 1 : 1 - now;
       auto s = states.middleRows(now * n, n);
       auto s_next = states.middleRows(next * n, n);
-      const auto x = StepOf(p, steps, 3 * u, begin, n, t);
+      const auto x = StepOf(p, steps, 3 * u, 0, n, t);
       GatherColumn(m, steps, begin, n, t, keep.data());
       GatherColumn(a, steps, begin, n, t, attention.data());
       products->Multiply({s.data(), n, u, u, 1}, gate_kernel, gates.data(), 2 * u, false);
@@ -416,9 +414,10 @@ Status CheckAugruInputs(const Tensor& projected, const Tensor& gate_kernel,
   return Status();
 }
 
-class AugruOp : public RecurrentKernel {
+template <typename T>
+class AugruOp : public sim_merlin::RowBlockKernel {
  public:
-  using RecurrentKernel::RecurrentKernel;
+  using RowBlockKernel::RowBlockKernel;
 
   void Compute(OpKernelContext* context) override {
     const Tensor &projected = context->input(0), &gate_kernel = context->input(1),
@@ -433,10 +432,14 @@ class AugruOp : public RecurrentKernel {
     float* out = final_state->flat<float>().data();
     const Weight Wg({gate_kernel.flat<float>().data(), u, 2 * u, 2 * u, 1}, bf16_);
     const Weight Wc({candidate_kernel.flat<float>().data(), u, u, u, 1}, bf16_);
+    const T* projected_rows = projected.flat<T>().data();
     ForEachRowBlock(context, threads_, rows, steps * u * 3 * u * 2, [&](int64_t begin, int64_t end) {
+      std::vector<float> buffer;
+      const float* p = InputRows(projected_rows + begin * steps * 3 * u,
+                                 (end - begin) * steps * 3 * u, &buffer);
       Products products(bf16_);
       AugruBlock block(end - begin, u, steps, false);
-      const float* last = block.Run(projected.flat<float>().data(), Wg, Wc,
+      const float* last = block.Run(p, Wg, Wc,
                                     scores.flat<float>().data(), mask.flat<float>().data(), begin,
                                     &products);
       std::copy_n(last, (end - begin) * u, out + begin * u);
@@ -444,9 +447,10 @@ class AugruOp : public RecurrentKernel {
   }
 };
 
-class AugruGradOp : public RecurrentKernel {
+template <typename T>
+class AugruGradOp : public sim_merlin::RowBlockKernel {
  public:
-  using RecurrentKernel::RecurrentKernel;
+  using RowBlockKernel::RowBlockKernel;
 
   void Compute(OpKernelContext* context) override {
     const Tensor &projected = context->input(0), &gate_kernel = context->input(1),
@@ -476,16 +480,22 @@ class AugruGradOp : public RecurrentKernel {
     const float* a = scores.flat<float>().data();
     const float* m = mask.flat<float>().data();
     const float* dfinal = final_grad.flat<float>().data();
-    float* dp = projected_grad->flat<float>().data();
+    const T* projected_rows = projected.flat<T>().data();
+    T* projected_grad_rows = projected_grad->flat<T>().data();
     float* da = scores_grad->flat<float>().data();
     std::vector<Matrix> block_dWgs(BlockCount(rows), Matrix::Zero(u, 2 * u));
     std::vector<Matrix> block_dWcs(BlockCount(rows), Matrix::Zero(u, u));
 
     ForEachRowBlock(context, threads_, rows, steps * u * 3 * u * 6, [&](int64_t begin, int64_t end) {
       const int64_t n = end - begin;
+      std::vector<float> p_buffer, dp_buffer;  // this block's rows as float32 (rows.h)
+      const float* p = InputRows(projected_rows + begin * steps * 3 * u, n * steps * 3 * u,
+                                 &p_buffer);
+      float* dp = OutputRows(projected_grad_rows + begin * steps * 3 * u, n * steps * 3 * u,
+                             &dp_buffer);
       Products products(bf16_);
       AugruBlock block(n, u, steps, true);
-      block.Run(projected.flat<float>().data(), Wg, Wc, a, m, begin, &products);
+      block.Run(p, Wg, Wc, a, m, begin, &products);
       Matrix& block_dWg = block_dWgs[begin / kRowsPerBlock];
       Matrix& block_dWc = block_dWcs[begin / kRowsPerBlock];
       Matrix g(n, u), d_gates(n, 2 * u), d_candidate(n, u), d_reset_state(n, u);
@@ -500,7 +510,7 @@ class AugruGradOp : public RecurrentKernel {
         const auto c = block.candidate.middleRows(t * n, n);
         GatherColumn(m, steps, begin, n, t, keep.data());
         GatherColumn(a, steps, begin, n, t, attention.data());
-        auto d_projected = StepOf(dp, steps, 3 * u, begin, n, t).array();
+        auto d_projected = StepOf(dp, steps, 3 * u, 0, n, t).array();
         through = g.array().colwise() * keep;
         scaled = up.colwise() * (1.0f - attention);
         d_scaled = through * (s - c);
@@ -521,15 +531,28 @@ class AugruGradOp : public RecurrentKernel {
                           View::Of(d_gates), block_dWg.data(), 2 * u, true);
         products.Multiply(View::Of(d_gates), Wg_transposed, g.data(), u, true);
       }
+      StoreRows(dp, n * steps * 3 * u, projected_grad_rows + begin * steps * 3 * u);
     });
     for (const Matrix& part : block_dWgs) dWg += part;
     for (const Matrix& part : block_dWcs) dWc += part;
   }
 };
 
-REGISTER_KERNEL_BUILDER(Name("SimMerlinGru").Device(DEVICE_CPU), GruOp);
-REGISTER_KERNEL_BUILDER(Name("SimMerlinGruGrad").Device(DEVICE_CPU), GruGradOp);
-REGISTER_KERNEL_BUILDER(Name("SimMerlinAugru").Device(DEVICE_CPU), AugruOp);
-REGISTER_KERNEL_BUILDER(Name("SimMerlinAugruGrad").Device(DEVICE_CPU), AugruGradOp);
+REGISTER_KERNEL_BUILDER(Name("SimMerlinGru").Device(DEVICE_CPU).TypeConstraint<float>("T"),
+                        GruOp<float>);
+REGISTER_KERNEL_BUILDER(Name("SimMerlinGru").Device(DEVICE_CPU).TypeConstraint<Bfloat16>("T"),
+                        GruOp<Bfloat16>);
+REGISTER_KERNEL_BUILDER(Name("SimMerlinGruGrad").Device(DEVICE_CPU).TypeConstraint<float>("T"),
+                        GruGradOp<float>);
+REGISTER_KERNEL_BUILDER(Name("SimMerlinGruGrad").Device(DEVICE_CPU).TypeConstraint<Bfloat16>("T"),
+                        GruGradOp<Bfloat16>);
+REGISTER_KERNEL_BUILDER(Name("SimMerlinAugru").Device(DEVICE_CPU).TypeConstraint<float>("T"),
+                        AugruOp<float>);
+REGISTER_KERNEL_BUILDER(Name("SimMerlinAugru").Device(DEVICE_CPU).TypeConstraint<Bfloat16>("T"),
+                        AugruOp<Bfloat16>);
+REGISTER_KERNEL_BUILDER(Name("SimMerlinAugruGrad").Device(DEVICE_CPU).TypeConstraint<float>("T"),
+                        AugruGradOp<float>);
+REGISTER_KERNEL_BUILDER(Name("SimMerlinAugruGrad").Device(DEVICE_CPU).TypeConstraint<Bfloat16>("T"),
+                        AugruGradOp<Bfloat16>);
 
 }  // namespace

@@ -4,66 +4,38 @@
 product that stays in TensorFlow) and run the state recurrence of a block of rows in one C++
 pass; their gradients are single ops as well. Element-wise work is float32; the products are
 float32, or, for bfloat16 inputs (``mixed_bfloat16``), bfloat16 products with float32 sums as
-TensorFlow's own products under that policy (on CPUs with AVX512-BF16). The result has the
-input's dtype. :func:`available` says whether the library could be built and
-loaded; otherwise (no compiler, ``SIM_MERLIN_FUSED_KERNELS=0``, a GPU, inside
-``tf.saved_model.save``, so exported models never need the library, or inside :func:`plain_ops`,
-for functions XLA compiles whole, which cannot hold custom ops) the blocks use their plain
-TensorFlow recurrences, which compute the same values.
+TensorFlow's own products under that policy (on CPUs with AVX512-BF16). The projections, the
+states and their gradients stay in the model's dtype (a kernel converts each block of rows), so
+no cast op passes over them; the result has the input's dtype. The blocks use them where
+:func:`sim_merlin.kernels.model_ops.available` holds, and their plain TensorFlow recurrences,
+which compute the same values, elsewhere.
 
 Example::
 
     >>> import sim_merlin.tf_compat  # noqa: F401
     >>> import tensorflow as tf
-    >>> from sim_merlin.kernels import recurrent
-    >>> if recurrent.available():
+    >>> from sim_merlin.kernels import model_ops, recurrent
+    >>> if model_ops.available():
     ...     states = recurrent.gru(tf.zeros([2, 5, 6]), tf.zeros([2, 6]), tf.zeros([6]),
     ...                            tf.ones([2, 5]))
     ...     assert states.shape == (2, 5, 2)
 """
 from __future__ import annotations
 
-import contextlib
-import threading
-
 import sim_merlin.tf_compat  # noqa: F401
 import tensorflow as tf
 
-from sim_merlin.environment import visible_gpu_count
 from sim_merlin.kernels.build import load as _library, threads as _threads
-
-
-def _in_save_context() -> bool:
-    try:
-        from tensorflow.python.saved_model import save_context
-    except ImportError:  # pragma: no cover - every supported TensorFlow has it
-        return False
-    return save_context.in_save_context()
-
-
-_state = threading.local()
-
-
-@contextlib.contextmanager
-def plain_ops():
-    """Functions traced inside this block use the plain TensorFlow recurrences (e.g. a
-    ``tf.function(jit_compile=True)``: XLA cannot compile custom ops)."""
-    previous = getattr(_state, "plain", False)
-    _state.plain = True
-    try:
-        yield
-    finally:
-        _state.plain = previous
-
-
-def available() -> bool:
-    """True when the fused ops can be used here, now."""
-    return (visible_gpu_count() == 0 and not getattr(_state, "plain", False)
-            and not _in_save_context() and _library() is not None)
 
 
 def _float32(*tensors):
     return [tf.cast(t, tf.float32) for t in tensors]
+
+
+def model_dtype(tensor):
+    """``tensor`` as the kernels take their large inputs: float32 or bfloat16 (converted block by
+    block inside the kernel, no cast op over the whole tensor); other dtypes as float32."""
+    return tensor if tensor.dtype in (tf.float32, tf.bfloat16) else tf.cast(tensor, tf.float32)
 
 
 def gru(projected, recurrent_kernel, recurrent_bias, mask):
@@ -74,7 +46,8 @@ def gru(projected, recurrent_kernel, recurrent_bias, mask):
     """
     dtype = projected.dtype
     states = _library().sim_merlin_gru(
-        *_float32(projected, recurrent_kernel, tf.reshape(recurrent_bias, [-1]), mask),
+        model_dtype(projected),
+        *_float32(recurrent_kernel, tf.reshape(recurrent_bias, [-1]), mask),
         bf16_products=dtype == tf.bfloat16, threads=_threads())
     return tf.cast(states, dtype)
 
@@ -88,7 +61,7 @@ def augru(projected, gate_kernel, candidate_kernel, scores, mask):
     """
     dtype = projected.dtype
     final = _library().sim_merlin_augru(
-        *_float32(projected, gate_kernel, candidate_kernel, scores, mask),
+        model_dtype(projected), *_float32(gate_kernel, candidate_kernel, scores, mask),
         bf16_products=dtype == tf.bfloat16, threads=_threads())
     return tf.cast(final, dtype)
 

@@ -41,7 +41,7 @@ import sim_merlin.tf_compat  # noqa: F401
 import numpy as np
 import tensorflow as tf
 
-from sim_merlin.kernels.recurrent import plain_ops
+from sim_merlin.kernels.model_ops import plain_ops
 
 
 def precision_policy(amp: bool, device: str = "cpu", dtype: str = "auto") -> str:

@@ -5,14 +5,14 @@ import pytest
 import tensorflow as tf
 
 from sim_merlin.blocks.interest import AUGRUCell, unrolled_augru, unrolled_gru
-from sim_merlin.kernels import build, recurrent
+from sim_merlin.kernels import build, model_ops, recurrent
 
 pytestmark = pytest.mark.compat_lock
 
 
 def test_the_fused_kernels_build_and_load_here():
     # CI machines have g++: a missing kernel would silently test only the fallback.
-    assert recurrent.available(), "the fused kernels did not build; see the message above"
+    assert model_ops.available(), "the fused kernels did not build; see the message above"
     assert build.library_path().exists()
 
 
@@ -88,6 +88,49 @@ def test_fused_ops_keep_bfloat16_in_and_out_and_agree_with_float32():
     np.testing.assert_allclose(tf.cast(low, tf.float32).numpy(), full.numpy(), atol=3e-2)
 
 
+def _bits(tensor):
+    return tf.bitcast(tensor, tf.uint16).numpy() if tensor.dtype == tf.bfloat16 else tensor.numpy()
+
+
+def test_bfloat16_rows_are_converted_inside_the_kernels_as_a_cast_would():
+    """bfloat16 projections, states and their gradients go in and out of the ops as they are
+    (no Cast op over them); inside, each block is widened exactly and the results rounded to
+    the nearest even bfloat16: bit for bit what casting around the float32 op gives."""
+    lib = build.load()
+    rng = np.random.default_rng(8)
+    rows, steps, u = 301, 7, 6  # several blocks; lengths that are not multiples of 16
+    low = lambda shape: tf.cast(rng.normal(size=shape).astype(np.float32), tf.bfloat16)  # noqa
+    f32 = lambda t: tf.cast(t, tf.float32)  # noqa: E731
+    p, states, states_grad = low((rows, steps, 3 * u)), low((rows, steps, u)), low((rows, steps, u))
+    U, Wg, Wc = (tf.constant(rng.normal(size=s).astype(np.float32) * 0.3)
+                 for s in [(u, 3 * u), (u, 2 * u), (u, u)])
+    b = tf.constant(rng.normal(size=(3 * u,)).astype(np.float32))
+    mask = tf.constant((rng.uniform(size=(rows, steps)) < 0.8).astype(np.float32))
+    scores = tf.constant(rng.uniform(size=(rows, steps)).astype(np.float32))
+    final_grad = tf.constant(rng.normal(size=(rows, u)).astype(np.float32))
+    options = dict(bf16_products=True, threads=1)
+    pairs = [
+        (lib.sim_merlin_gru(p, U, b, mask, **options),
+         lib.sim_merlin_gru(f32(p), U, b, mask, **options)),
+        (lib.sim_merlin_gru_grad(p, U, b, mask, states, states_grad, **options),
+         lib.sim_merlin_gru_grad(f32(p), U, b, mask, f32(states), f32(states_grad), **options)),
+        (lib.sim_merlin_augru(p, Wg, Wc, scores, mask, **options),
+         lib.sim_merlin_augru(f32(p), Wg, Wc, scores, mask, **options)),
+        (lib.sim_merlin_augru_grad(p, Wg, Wc, scores, mask, final_grad, **options),
+         lib.sim_merlin_augru_grad(f32(p), Wg, Wc, scores, mask, final_grad, **options)),
+    ]
+    for low_out, full_out in pairs:
+        for got, want in zip(tf.nest.flatten(low_out), tf.nest.flatten(full_out)):
+            want = tf.cast(want, got.dtype)  # bfloat16 where the op's T is
+            np.testing.assert_array_equal(_bits(got), _bits(want))
+    assert pairs[0][0].dtype == tf.bfloat16 and pairs[1][0][0].dtype == tf.bfloat16
+    traced = tf.function(lambda x: unrolled_gru(x, None, tf.zeros([3, 18]), U, tf.zeros([2, 18]),
+                                                fused=True))
+    graph = traced.get_concrete_function(tf.TensorSpec([None, 4, 3], tf.bfloat16)).graph
+    (op,) = [op for op in graph.get_operations() if op.type == "SimMerlinGru"]
+    assert op.get_attr("T") == tf.bfloat16 and op.inputs[0].op.type != "Cast"
+
+
 def test_bad_shapes_are_named():
     with pytest.raises(tf.errors.InvalidArgumentError, match="mask must be"):
         recurrent.gru(tf.zeros([2, 3, 6]), tf.zeros([2, 6]), tf.zeros([6]), tf.ones([2, 4]))
@@ -120,13 +163,6 @@ def test_saved_models_never_contain_the_fused_ops(tmp_path):
 
 
 THREADS_SCRIPT = r"""
-import sys
-import numpy as np
-import sim_merlin.tf_compat  # noqa: F401
-import tensorflow as tf
-tf.config.threading.set_intra_op_parallelism_threads(1)
-from sim_merlin.kernels.build import load
-lib = load()
 rng = np.random.default_rng(0)
 B, T, u = 700, 6, 8  # 6 row blocks, the last one partial
 p = tf.constant(rng.normal(size=(B, T, 3 * u)).astype(np.float32))
@@ -153,18 +189,10 @@ print("identical")
 """
 
 
-def test_kernels_on_their_own_threads_give_the_same_bits_as_on_one(tmp_path):
+def test_kernels_on_their_own_threads_give_the_same_bits_as_on_one(run_with_one_intra_op_thread):
     """With a one-thread intra-op pool the kernels split their row blocks over threads of their
     own; the weight gradients are summed in block order, so --deterministic holds."""
-    import subprocess
-    import sys
-
-    script = tmp_path / "threads.py"
-    script.write_text(THREADS_SCRIPT)
-    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "identical" in result.stdout
+    assert "identical" in run_with_one_intra_op_thread(THREADS_SCRIPT)
 
 
 def test_functions_traced_under_plain_ops_hold_no_custom_op():
@@ -173,9 +201,9 @@ def test_functions_traced_under_plain_ops_hold_no_custom_op():
     sequence, mask, _ = _inputs(4, 3, 2, seed=5)
     weights = [tf.zeros([2, 9]), tf.zeros([3, 9]), tf.zeros([2, 9])]
     fused = tf.function(lambda s: unrolled_gru(s, mask, *weights)).get_concrete_function(sequence)
-    with recurrent.plain_ops():
+    with model_ops.plain_ops():
         plain = tf.function(lambda s: unrolled_gru(s, mask, *weights)).get_concrete_function(
             sequence)
-    assert recurrent.available()  # restored on leaving the block
+    assert model_ops.available()  # restored on leaving the block
     assert "SimMerlinGru" in {op.type for op in fused.graph.get_operations()}
     assert "SimMerlinGru" not in {op.type for op in plain.graph.get_operations()}

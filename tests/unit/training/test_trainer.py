@@ -170,14 +170,19 @@ def test_classification_loss_is_numpy_bce_of_the_logits(run, batch):
 
 
 def test_train_step_applies_one_adam_step_of_the_total_loss(run):
-    changed = 0
+    changed = with_gradient = 0
     for before, after, gradient, variable in zip(run.trainable, run.after_first, run.gradients,
                                                  run.model.trainable_variables):
         expected = numpy_adam_first_step(before.astype(np.float64), gradient.astype(np.float64))
         np.testing.assert_allclose(after, expected, rtol=1e-5, atol=1e-6, err_msg=variable.name)
+        if "target_attention" in variable.name and variable.shape == (1,):
+            # DIEN's attention score bias has no gradient in exact arithmetic (a softmax ignores
+            # a constant added to every score): the step and this tape get rounding noise, which
+            # may differ (0 here, about 1e-12 there) and moves it by a negligible amount.
+            continue
         changed += bool((after != before).any())
+        with_gradient += bool(np.any(gradient))
     # Every variable with a gradient moved (the embedding tables only in the rows looked up).
-    with_gradient = sum(bool(np.any(g)) for g in run.gradients)
     assert changed == with_gradient >= len(run.gradients) - 1 > 5
 
 
