@@ -8,6 +8,11 @@
 //
 // Operands are views with strides (a transposed matrix is a view), so the kernels never copy a
 // matrix to transpose it. B is packed once per call when it is a weight (`PackedB`).
+//
+// On CPUs with AMX (Sapphire Rapids and later) the bfloat16 products run on the tile unit
+// (TDPBF16PS: a 16 x 16 block of float32 sums over 32 products per instruction) when the
+// operating system lets the process use it and SIM_MERLIN_KERNEL_AMX is not 0; the operands
+// are then padded to whole tiles (K to 32, B's columns to 32, A's rows to 32) with zeros.
 
 #pragma once
 
@@ -15,8 +20,15 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#define SIM_MERLIN_AMX 1
+#endif
 
 #include "Eigen/Core"
 
@@ -40,6 +52,31 @@ constexpr bool kHasBf16Products = true;
 constexpr bool kHasBf16Products = false;
 #endif
 
+// AMX usable here: built for it, not disabled (SIM_MERLIN_KERNEL_AMX=0), and the kernel grants
+// this process the tile data state (Linux's arch_prctl; oneDNN asks for it the same way).
+inline bool AmxUsable() {
+#ifdef SIM_MERLIN_AMX
+  static const bool usable = [] {
+    const char* setting = std::getenv("SIM_MERLIN_KERNEL_AMX");
+    if (setting != nullptr && std::strcmp(setting, "0") == 0) return false;
+    constexpr long kRequestPermission = 0x1023, kTileData = 18;  // ARCH_REQ_XCOMP_PERM
+    return syscall(SYS_arch_prctl, kRequestPermission, kTileData) == 0;
+  }();
+  return usable;
+#else
+  return false;
+#endif
+}
+
+inline int64_t RoundUp(int64_t value, int64_t multiple) {
+  return (value + multiple - 1) / multiple * multiple;
+}
+
+// Packing granularity: whole tiles for AMX, else an even K and 16 columns (one register).
+inline int64_t PairMultiple() { return AmxUsable() ? 16 : 1; }
+inline int64_t ColumnMultiple() { return AmxUsable() ? 32 : 16; }
+inline int64_t RowMultiple() { return AmxUsable() ? 32 : 1; }
+
 inline uint16_t ToBf16(float x) {  // round to nearest even (no NaN inputs here)
   uint32_t bits;
   std::memcpy(&bits, &x, sizeof bits);
@@ -56,21 +93,23 @@ inline __mmask16 TailMask(int64_t count) {
 #endif
 
 // B [K, N] as bfloat16 pairs: data[((k / 2) * padded_cols + j) * 2 + k % 2], zero padded to an
-// even K and to N rounded up to 16 columns (one 512-bit register of float32 sums).
+// even K and to N rounded up to 16 columns (one 512-bit register of float32 sums), or to whole
+// AMX tiles.
 struct PackedB {
   std::vector<uint16_t> data;
   int64_t pairs = 0, cols = 0, padded_cols = 0;
 };
 
 inline void Pack(const View& b, PackedB* out) {
-  out->pairs = (b.rows + 1) / 2;
+  const int64_t pairs = (b.rows + 1) / 2;  // holding data; the rest is padding
+  out->pairs = RoundUp(pairs, PairMultiple());
   out->cols = b.cols;
-  out->padded_cols = (b.cols + 15) / 16 * 16;
+  out->padded_cols = RoundUp(b.cols, ColumnMultiple());
   out->data.assign(out->pairs * out->padded_cols * 2, 0);
   uint16_t* target = out->data.data();
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
   if (b.col_stride == 1) {
-    for (int64_t p = 0; p < out->pairs; ++p) {
+    for (int64_t p = 0; p < pairs; ++p) {
       const float* even = b.data + (2 * p) * b.row_stride;
       const bool has_odd = 2 * p + 1 < b.rows;
       const float* odd = even + b.row_stride;
@@ -98,10 +137,12 @@ inline void Pack(const View& b, PackedB* out) {
   }
 }
 
-// A [M, K] as rows of bfloat16 pairs (one 32-bit word per pair of k), K padded to even.
+// A [M, K] as rows of bfloat16 pairs (one 32-bit word per pair of k), K padded to even (or to
+// whole AMX tiles, with the rows).
 inline void PackRows(const View& a, std::vector<uint32_t>* out, int64_t* pairs) {
-  *pairs = (a.cols + 1) / 2;
-  out->resize(a.rows * *pairs);
+  const int64_t filled = (a.cols + 1) / 2;
+  *pairs = RoundUp(filled, PairMultiple());
+  out->assign(RoundUp(a.rows, RowMultiple()) * *pairs, 0u);
   uint32_t* target = out->data();
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
   if (a.col_stride == 1) {
@@ -112,7 +153,7 @@ inline void PackRows(const View& a, std::vector<uint32_t>* out, int64_t* pairs) 
         const __m512bh both = _mm512_cvtne2ps_pbh(
             _mm512_maskz_loadu_ps(TailMask(a.cols - k - 16), row + k + 16),
             _mm512_maskz_loadu_ps(TailMask(a.cols - k), row + k));
-        _mm512_mask_storeu_epi32(words + k / 2, TailMask(*pairs - k / 2),
+        _mm512_mask_storeu_epi32(words + k / 2, TailMask(filled - k / 2),
                                  reinterpret_cast<const __m512i&>(both));
       }
     }
@@ -120,7 +161,7 @@ inline void PackRows(const View& a, std::vector<uint32_t>* out, int64_t* pairs) 
   }
 #endif
   for (int64_t i = 0; i < a.rows; ++i) {
-    for (int64_t p = 0; p < *pairs; ++p) {
+    for (int64_t p = 0; p < filled; ++p) {
       const uint32_t lo = ToBf16(a(i, 2 * p));
       const uint32_t hi = 2 * p + 1 < a.cols ? ToBf16(a(i, 2 * p + 1)) : 0u;
       target[i * *pairs + p] = lo | (hi << 16);
@@ -174,9 +215,79 @@ inline void RowsOfPanel(const PackedA& a, const uint16_t* b, int64_t padded_cols
 }
 #endif
 
+#ifdef SIM_MERLIN_AMX
+// C (+)= A B on the tile unit, in 32 x 32 blocks of C (four accumulator tiles: 0-3; A's two row
+// tiles: 4, 5; B's two column tiles: 6, 7). A's rows are contiguous pair words (row_step words
+// apart, rows padded to 32), B's pairs padded to A's; edge blocks of C go through a buffer.
+inline void ProductAmx(const PackedA& a, const PackedB& b, float* c, int64_t ldc,
+                       bool accumulate) {
+  alignas(64) uint8_t config[64] = {};
+  config[0] = 1;  // palette 1: 8 tiles of up to 16 rows x 64 bytes
+  for (int t = 0; t < 8; ++t) {
+    config[16 + 2 * t] = 64;  // bytes per row (little-endian uint16)
+    config[48 + t] = 16;      // rows
+  }
+  _tile_loadconfig(config);  // per call: other code (oneDNN) may use this thread's tiles between
+  alignas(64) float edge[4][16 * 16];
+  const uint32_t* b_words = reinterpret_cast<const uint32_t*>(b.data.data());
+  const int64_t a_stride = a.row_step * 4, b_stride = b.padded_cols * 4, c_stride = ldc * 4;
+  for (int64_t m0 = 0; m0 < a.rows; m0 += 32) {
+    for (int64_t n0 = 0; n0 < b.cols; n0 += 32) {
+      const bool inside = m0 + 32 <= a.rows && n0 + 32 <= b.cols;
+      // edge: the valid part of C's 16 x 16 block q (rows m0 + 16 (q / 2), cols n0 + 16 (q % 2))
+      auto for_edge = [&](int q, auto copy) {
+        const int64_t row = m0 + 16 * (q / 2), col = n0 + 16 * (q % 2);
+        const int64_t rows = std::clamp<int64_t>(a.rows - row, 0, 16);
+        const int64_t cols = std::clamp<int64_t>(b.cols - col, 0, 16);
+        for (int64_t i = 0; i < rows; ++i) copy(c + (row + i) * ldc + col, edge[q] + i * 16, cols);
+      };
+      if (!accumulate) {
+        _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+      } else if (inside) {
+        _tile_loadd(0, c + m0 * ldc + n0, c_stride);
+        _tile_loadd(1, c + m0 * ldc + n0 + 16, c_stride);
+        _tile_loadd(2, c + (m0 + 16) * ldc + n0, c_stride);
+        _tile_loadd(3, c + (m0 + 16) * ldc + n0 + 16, c_stride);
+      } else {
+        std::memset(edge, 0, sizeof edge);
+        for (int q = 0; q < 4; ++q)
+          for_edge(q, [](float* in_c, float* in_edge, int64_t n) { std::copy_n(in_c, n, in_edge); });
+        _tile_loadd(0, edge[0], 64); _tile_loadd(1, edge[1], 64);
+        _tile_loadd(2, edge[2], 64); _tile_loadd(3, edge[3], 64);
+      }
+      for (int64_t p0 = 0; p0 < a.pairs; p0 += 16) {
+        _tile_loadd(4, a.words + m0 * a.row_step + p0, a_stride);
+        _tile_loadd(5, a.words + (m0 + 16) * a.row_step + p0, a_stride);
+        _tile_loadd(6, b_words + p0 * b.padded_cols + n0, b_stride);
+        _tile_loadd(7, b_words + p0 * b.padded_cols + n0 + 16, b_stride);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+      }
+      if (inside) {
+        _tile_stored(0, c + m0 * ldc + n0, c_stride);
+        _tile_stored(1, c + m0 * ldc + n0 + 16, c_stride);
+        _tile_stored(2, c + (m0 + 16) * ldc + n0, c_stride);
+        _tile_stored(3, c + (m0 + 16) * ldc + n0 + 16, c_stride);
+      } else {
+        _tile_stored(0, edge[0], 64); _tile_stored(1, edge[1], 64);
+        _tile_stored(2, edge[2], 64); _tile_stored(3, edge[3], 64);
+        for (int q = 0; q < 4; ++q)
+          for_edge(q, [](float* in_c, float* in_edge, int64_t n) { std::copy_n(in_edge, n, in_c); });
+      }
+    }
+  }
+  _tile_release();
+}
+#endif
+
 // C [M, N] (row stride ldc) = or += A B, both rounded to bfloat16, sums in float32.
 inline void ProductBf16(const PackedA& a, const PackedB& b, float* c, int64_t ldc,
                         bool accumulate) {
+#ifdef SIM_MERLIN_AMX
+  if (AmxUsable()) return ProductAmx(a, b, c, ldc, accumulate);
+#endif
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
   const int64_t registers = b.padded_cols / 16;
   for (int64_t v0 = 0; v0 < registers; v0 += 4) {
@@ -234,12 +345,18 @@ class Products {
   using Target = Eigen::Map<Matrix, 0, Eigen::OuterStride<>>;
 
   // A transposed row-major matrix (columns contiguous) is packed as the B of its transpose: its
-  // pair words are then read with the strides swapped; others are packed row by row.
+  // pair words are then read with the strides swapped (for AMX, whose A tiles need each row's
+  // pairs contiguous, the words are transposed); others are packed row by row.
   PackedA PackLeft(const View& a) {
     if (a.row_stride == 1 && a.col_stride != 1) {
       Pack(a.Transposed(), &left_columns_);
-      return {reinterpret_cast<const uint32_t*>(left_columns_.data.data()), a.rows,
-              left_columns_.pairs, 1, left_columns_.padded_cols};
+      const auto* words = reinterpret_cast<const uint32_t*>(left_columns_.data.data());
+      const int64_t pairs = left_columns_.pairs, columns = left_columns_.padded_cols;
+      if (!AmxUsable()) return {words, a.rows, pairs, 1, columns};
+      rows_.assign(RoundUp(a.rows, RowMultiple()) * pairs, 0u);
+      for (int64_t p = 0; p < pairs; ++p)
+        for (int64_t i = 0; i < a.rows; ++i) rows_[i * pairs + p] = words[p * columns + i];
+      return {rows_.data(), a.rows, pairs, pairs, 1};
     }
     int64_t pairs;
     PackRows(a, &rows_, &pairs);
