@@ -4,9 +4,11 @@
     .venv/bin/python bench/fused_kernels.py --models sim dien --rounds 3
 
 On a shared machine runs drift by 10-20% over minutes, so a with/without comparison made of two
-separate benchmark sessions says little. This runs ``bench/train.py`` once per variant
-(``SIM_MERLIN_FUSED_KERNELS=1`` then ``=0``) per round, ``--rounds`` times, for each model and
-config, and reports the median of each variant and their ratio. Writes ``--json``.
+separate benchmark sessions says little. This runs ``bench/train.py`` once per variant per
+round, ``--rounds`` times, for each model and config, and reports the median of each variant and
+its ratio to the plain path. The variants: the fused kernels as they run here; the same with
+``SIM_MERLIN_KERNEL_AMX=0`` (bfloat16 products on AVX512-BF16 instead of AMX tiles; only on a
+CPU with AMX); the plain TensorFlow ops (``SIM_MERLIN_FUSED_KERNELS=0``). Writes ``--json``.
 """
 from __future__ import annotations
 
@@ -21,7 +23,15 @@ from pathlib import Path
 
 from common import ROOT, print_table, write_json
 
-VARIANTS = {"fused": "1", "plain": "0"}
+VARIANTS = {"fused": {"SIM_MERLIN_FUSED_KERNELS": "1"},
+            "fused, no AMX": {"SIM_MERLIN_FUSED_KERNELS": "1", "SIM_MERLIN_KERNEL_AMX": "0"},
+            "plain": {"SIM_MERLIN_FUSED_KERNELS": "0"}}
+
+
+def variants() -> dict:
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    has_amx = " amx_bf16" in flags and " amx_tile" in flags
+    return {name: env for name, env in VARIANTS.items() if has_amx or "AMX" not in name}
 
 
 def main(argv=None) -> int:
@@ -33,30 +43,30 @@ def main(argv=None) -> int:
                         default=ROOT / "bench" / "results" / "fused_kernels.json")
     args = parser.parse_args(argv)
     rows, records = [], []
+    chosen = variants()
     for model in args.models:
         for config in args.configs:
-            figures = {name: [] for name in VARIANTS}
+            figures = {name: [] for name in chosen}
             for round_ in range(args.rounds):
-                for name, value in VARIANTS.items():
+                for name, env in chosen.items():
                     with tempfile.TemporaryDirectory() as tmp:
                         out = Path(tmp) / "run.json"
                         subprocess.run(
                             [sys.executable, str(ROOT / "bench" / "train.py"), "--models", model,
                              "--batch_sizes", "4096", "--configs", config, "--repeats", "1",
                              "--warmup", "10", "--steps", "30", "--json", str(out)],
-                            check=True, env={**os.environ, "SIM_MERLIN_FUSED_KERNELS": value},
+                            check=True, env={**os.environ, **env},
                             stdout=subprocess.DEVNULL)
                         result = json.loads(out.read_text())["results"][0]
                     figures[name].append(result["throughput_median"])
                     print(f"{model} {config} {name} round {round_ + 1}: "
                           f"{figures[name][-1]:,.0f} samples/s", flush=True)
-            fused, plain = (statistics.median(figures[n]) for n in VARIANTS)
-            rows.append([model, config, f"{fused:,.0f}", f"{plain:,.0f}", f"{fused / plain:.2f}"])
+            medians = {name: statistics.median(figures[name]) for name in chosen}
+            plain = medians["plain"]
+            rows.append([model, config, *(f"{m:,.0f} ({m / plain:.2f})" for m in medians.values())])
             records.append({"model": model, "config": config, "batch": 4096,
-                            "fused_samples_per_s": figures["fused"],
-                            "plain_samples_per_s": figures["plain"],
-                            "fused_median": fused, "plain_median": plain})
-    print_table(["model", "config", "fused", "plain", "ratio"], rows)
+                            "samples_per_s": figures, "medians": medians})
+    print_table(["model", "config", *(f"{n} (ratio to plain)" for n in chosen)], rows)
     write_json(args.json, {"command": " ".join(sys.argv), "rounds": args.rounds,
                            "results": records})
     return 0

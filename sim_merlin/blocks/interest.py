@@ -123,8 +123,7 @@ def unrolled_gru(sequence, mask, kernel, recurrent_kernel, bias, fused=None):
     dtype = sequence.dtype
     if _use_fused(fused):
         input_bias, recurrent_bias = tf.unstack(bias)
-        projected = _dense_apply(sequence, tf.cast(kernel, dtype), tf.cast(input_bias, dtype))
-        return fused_kernels.gru(projected, recurrent_kernel, recurrent_bias,
+        return fused_kernels.gru(sequence, kernel, input_bias, recurrent_kernel, recurrent_bias,
                                  _step_mask(mask, sequence))
     kernel, recurrent_kernel, bias = (tf.cast(w, dtype) for w in (kernel, recurrent_kernel, bias))
     input_bias, recurrent_bias = tf.unstack(bias)
@@ -156,16 +155,16 @@ def unrolled_augru(sequence, scores, mask, cell: AUGRUCell, fused=None):
     if not cell.built:
         with tf.init_scope():
             cell.build([None, features + 1])
+    bias = tf.concat([cell.gates.bias, cell.candidate.bias], axis=0)
+    if _use_fused(fused):  # float32 weights: the kernel rounds them for its bfloat16 products
+        (gate_x, gate_s), (cand_x, cand_s) = (tf.split(w.kernel, [features, cell.units], axis=0)
+                                              for w in (cell.gates, cell.candidate))
+        return fused_kernels.augru(sequence, tf.concat([gate_x, cand_x], axis=1), bias, gate_s,
+                                   cand_s, scores, _step_mask(mask, sequence))
     gate_x, gate_s = tf.split(tf.cast(cell.gates.kernel, dtype), [features, cell.units], axis=0)
     cand_x, cand_s = tf.split(tf.cast(cell.candidate.kernel, dtype), [features, cell.units],
                               axis=0)
-    bias = tf.concat([cell.gates.bias, cell.candidate.bias], axis=0)
-    projected = _dense_apply(sequence, tf.concat([gate_x, cand_x], axis=1),
-                                   tf.cast(bias, dtype))
-    if _use_fused(fused):
-        gate_s, cand_s = (tf.split(w.kernel, [features, cell.units], axis=0)[1]
-                          for w in (cell.gates, cell.candidate))
-        return fused_kernels.augru(projected, gate_s, cand_s, scores, _step_mask(mask, sequence))
+    projected = _dense_apply(sequence, tf.concat([gate_x, cand_x], axis=1), tf.cast(bias, dtype))
     projected = tf.unstack(projected, axis=1)
     scores = tf.unstack(tf.expand_dims(tf.cast(scores, dtype), -1), axis=1)
     masks = tf.unstack(tf.expand_dims(mask, -1), axis=1) if mask is not None else None

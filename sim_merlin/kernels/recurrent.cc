@@ -3,8 +3,8 @@
 // TensorFlow runs an unrolled GRU as about twenty small ops per step (products, splits, sigmoids,
 // selects), each a pass over memory and a scheduling round; their gradients double that. These
 // kernels run the whole recurrence of a block of rows in one pass that stays in cache, and give
-// the gradient as one op. The input projection of every step (one large product) stays in
-// TensorFlow: the kernels take it precomputed, so they hold only the state products.
+// the gradient as one op. A block first projects its inputs for every step in one product
+// (p = x W + b, the "projected" below), and its gradient ends with that product's gradients.
 //
 // SimMerlinGru (Keras GRU, reset_after=True; gate order z, r, h):
 //   inner = h U + b;  z = sig(p_z + inner_z);  r = sig(p_r + inner_r)
@@ -95,39 +95,108 @@ inline void ScatterColumn(const float* source, int64_t steps, int64_t begin, int
   for (int64_t i = 0; i < n; ++i) target[(begin + i) * steps + t] = source[i];
 }
 
-Status CheckRecurrentInputs(const Tensor& projected, const Tensor& mask, int64_t gate_width) {
-  if (projected.dims() != 3 || projected.dim_size(2) != gate_width) {
-    return tensorflow::errors::InvalidArgument(
-        "projected must be [batch, steps, ", gate_width, "], got ",
-        projected.shape().DebugString());
+// sequence [B, T, F], its kernel [F, gate_width] and input bias [gate_width], mask [B, T].
+Status CheckRecurrentInputs(const Tensor& sequence, const Tensor& kernel, const Tensor& input_bias,
+                            const Tensor& mask, int64_t gate_width) {
+  if (sequence.dims() != 3) {
+    return tensorflow::errors::InvalidArgument("sequence must be [batch, steps, features], got ",
+                                               sequence.shape().DebugString());
   }
-  if (mask.dims() != 2 || mask.dim_size(0) != projected.dim_size(0) ||
-      mask.dim_size(1) != projected.dim_size(1)) {
+  if (kernel.dims() != 2 || kernel.dim_size(0) != sequence.dim_size(2) ||
+      kernel.dim_size(1) != gate_width) {
+    return tensorflow::errors::InvalidArgument("kernel must be [features, ", gate_width, "] = [",
+                                               sequence.dim_size(2), ", ", gate_width, "], got ",
+                                               kernel.shape().DebugString());
+  }
+  if (input_bias.NumElements() != gate_width) {
+    return tensorflow::errors::InvalidArgument("input_bias must have ", gate_width,
+                                               " elements, got ", input_bias.shape().DebugString());
+  }
+  if (mask.dims() != 2 || mask.dim_size(0) != sequence.dim_size(0) ||
+      mask.dim_size(1) != sequence.dim_size(1)) {
     return tensorflow::errors::InvalidArgument("mask must be [batch, steps] = ",
-                                               projected.dim_size(0), "x",
-                                               projected.dim_size(1), ", got ",
+                                               sequence.dim_size(0), "x",
+                                               sequence.dim_size(1), ", got ",
                                                mask.shape().DebugString());
   }
   return Status();
 }
 
+// The input projection of a block's rows for every step: x [rows, F] (rows = n T) times the
+// kernel plus the input bias, one product; and its gradients, given dp [rows, width].
+struct InputProjection {
+  const float* bias;
+  int64_t features, width;
+  Weight kernel, kernel_transposed;
+
+  InputProjection(const Tensor& kernel_tensor, const Tensor& bias_tensor, bool bf16,
+                  bool gradients)
+      : bias(bias_tensor.flat<float>().data()),
+        features(kernel_tensor.dim_size(0)),
+        width(kernel_tensor.dim_size(1)),
+        kernel({kernel_tensor.flat<float>().data(), features, width, width, 1}, bf16),
+        kernel_transposed(gradients ? kernel.view.Transposed() : View{nullptr, 0, 0, 0, 0},
+                          bf16 && gradients) {}
+
+  void Forward(const float* x, int64_t rows, Products* products, Matrix* projected) const {
+    projected->resize(rows, width);
+    products->Multiply({x, rows, features, features, 1}, kernel, projected->data(), width, false);
+    projected->rowwise() += ConstRowMap(bias, width);
+  }
+
+  // dx [rows, F] = dp W^T; dW += x^T dp; db += the column sums of dp.
+  void Backward(const float* x, const Matrix& dp, Products* products, float* dx, Matrix* dW,
+                Eigen::RowVectorXf* db) const {
+    products->Multiply(View::Of(dp), kernel_transposed, dx, features, false);
+    products->Multiply(View{x, dp.rows(), features, features, 1}.Transposed(), View::Of(dp),
+                       dW->data(), width, true);
+    db->noalias() += dp.colwise().sum();
+  }
+};
+
+// Per-block weight gradients summed in block order into `target` (deterministic).
+template <typename Part>
+void SumBlocks(const std::vector<Part>& parts, Tensor* target) {
+  float* sum = target->flat<float>().data();
+  const int64_t size = target->NumElements();
+  std::fill_n(sum, size, 0.0f);
+  for (const Part& part : parts) {
+    for (int64_t i = 0; i < size; ++i) sum[i] += part.data()[i];
+  }
+}
+
 // ------------------------------------------------------------------------------------------------
 // GRU
+
+Status CheckGruWeights(const Tensor& recurrent_kernel, const Tensor& recurrent_bias) {
+  if (recurrent_kernel.dims() != 2 ||
+      recurrent_kernel.dim_size(1) != 3 * recurrent_kernel.dim_size(0)) {
+    return tensorflow::errors::InvalidArgument("recurrent_kernel must be [u, 3u], got ",
+                                               recurrent_kernel.shape().DebugString());
+  }
+  if (recurrent_bias.NumElements() != recurrent_kernel.dim_size(1)) {
+    return tensorflow::errors::InvalidArgument("recurrent_bias must have 3u elements, got ",
+                                               recurrent_bias.shape().DebugString());
+  }
+  return Status();
+}
 
 REGISTER_OP("SimMerlinGru")
     .Attr("T: {float, bfloat16}")  // the model's dtype: the large inputs' and outputs' (rows.h)
     .Attr("bf16_products: bool = false")  // bfloat16 products, float32 sums
     .Attr("threads: int = 0")  // > 1: own threads when the intra-op pool has one (parallel.h)
-    .Input("projected: T")             // [B, T, 3u]: x W + input bias
+    .Input("sequence: T")              // [B, T, F]
+    .Input("kernel: float")            // [F, 3u]
+    .Input("input_bias: float")        // [3u]
     .Input("recurrent_kernel: float")  // [u, 3u]
     .Input("recurrent_bias: float")    // [3u]
     .Input("mask: float")              // [B, T], 1 = step taken
     .Output("states: T")               // [B, T, u]
     .SetShapeFn([](InferenceContext* c) {
-      ShapeHandle projected, kernel;
-      TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 3, &projected));
-      TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 2, &kernel));
-      c->set_output(0, c->MakeShape({c->Dim(projected, 0), c->Dim(projected, 1),
+      ShapeHandle sequence, kernel;
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 3, &sequence));
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(3), 2, &kernel));
+      c->set_output(0, c->MakeShape({c->Dim(sequence, 0), c->Dim(sequence, 1),
                                      c->Dim(kernel, 0)}));
       return Status();
     });
@@ -136,19 +205,21 @@ REGISTER_OP("SimMerlinGruGrad")
     .Attr("T: {float, bfloat16}")
     .Attr("bf16_products: bool = false")  // bfloat16 products, float32 sums
     .Attr("threads: int = 0")  // > 1: own threads when the intra-op pool has one (parallel.h)
-    .Input("projected: T")
+    .Input("sequence: T")
+    .Input("kernel: float")
+    .Input("input_bias: float")
     .Input("recurrent_kernel: float")
     .Input("recurrent_bias: float")
     .Input("mask: float")
     .Input("states: T")       // the forward output
     .Input("states_grad: T")  // [B, T, u]
-    .Output("projected_grad: T")
+    .Output("sequence_grad: T")
+    .Output("kernel_grad: float")
+    .Output("input_bias_grad: float")
     .Output("recurrent_kernel_grad: float")
     .Output("recurrent_bias_grad: float")
     .SetShapeFn([](InferenceContext* c) {
-      c->set_output(0, c->input(0));
-      c->set_output(1, c->input(1));
-      c->set_output(2, c->input(2));
+      for (int i = 0; i < 5; ++i) c->set_output(i, c->input(i));
       return Status();
     });
 
@@ -158,33 +229,36 @@ class GruOp : public sim_merlin::RowBlockKernel {
   using RowBlockKernel::RowBlockKernel;
 
   void Compute(OpKernelContext* context) override {
-    const Tensor& projected = context->input(0);
-    const Tensor& kernel = context->input(1);
-    const Tensor& bias = context->input(2);
-    const Tensor& mask = context->input(3);
-    OP_REQUIRES(context, kernel.dims() == 2 && kernel.dim_size(1) == 3 * kernel.dim_size(0),
-                tensorflow::errors::InvalidArgument("recurrent_kernel must be [u, 3u], got ",
-                                                    kernel.shape().DebugString()));
+    const Tensor& sequence = context->input(0);
+    const Tensor& kernel = context->input(3);
+    const Tensor& bias = context->input(4);
+    const Tensor& mask = context->input(5);
+    OP_REQUIRES_OK(context, CheckGruWeights(kernel, bias));
     const int64_t u = kernel.dim_size(0);
-    OP_REQUIRES_OK(context, CheckRecurrentInputs(projected, mask, 3 * u));
-    OP_REQUIRES(context, bias.NumElements() == 3 * u,
-                tensorflow::errors::InvalidArgument("recurrent_bias must have 3u elements"));
-    const int64_t rows = projected.dim_size(0), steps = projected.dim_size(1);
+    OP_REQUIRES_OK(context, CheckRecurrentInputs(sequence, context->input(1), context->input(2),
+                                                 mask, 3 * u));
+    const int64_t rows = sequence.dim_size(0), steps = sequence.dim_size(1);
+    const int64_t features = sequence.dim_size(2);
     Tensor* states = nullptr;
     OP_REQUIRES_OK(context, context->allocate_output(0, TensorShape({rows, steps, u}), &states));
-    const T* projected_rows = projected.flat<T>().data();
+    const T* sequence_rows = sequence.flat<T>().data();
     const float* m = mask.flat<float>().data();
     T* states_rows = states->flat<T>().data();
+    const InputProjection projection(context->input(1), context->input(2), bf16_, false);
     const Weight U({kernel.flat<float>().data(), u, 3 * u, 3 * u, 1}, bf16_);
     ConstRowMap b(bias.flat<float>().data(), 3 * u);
 
-    ForEachRowBlock(context, threads_, rows, steps * u * 3 * u * 2, [&](int64_t begin, int64_t end) {
+    ForEachRowBlock(context, threads_, rows, steps * (u + features) * 3 * u * 2,
+                    [&](int64_t begin, int64_t end) {
       const int64_t n = end - begin;
       std::vector<float> in_buffer, out_buffer;  // this block's rows as float32 (rows.h)
-      const float* p = InputRows(projected_rows + begin * steps * 3 * u, n * steps * 3 * u,
+      const float* x = InputRows(sequence_rows + begin * steps * features, n * steps * features,
                                  &in_buffer);
       float* out = OutputRows(states_rows + begin * steps * u, n * steps * u, &out_buffer);
       Products products(bf16_);
+      Matrix projected;
+      projection.Forward(x, n * steps, &products, &projected);
+      const float* p = projected.data();
       Matrix h = Matrix::Zero(n, u), inner(n, 3 * u);
       Array zr(n, 2 * u), c(n, u);
       Column keep(n);
@@ -210,28 +284,37 @@ class GruGradOp : public sim_merlin::RowBlockKernel {
   using RowBlockKernel::RowBlockKernel;
 
   void Compute(OpKernelContext* context) override {
-    const Tensor& projected = context->input(0);
-    const Tensor& kernel = context->input(1);
-    const Tensor& bias = context->input(2);
-    const Tensor& mask = context->input(3);
-    const Tensor& states = context->input(4);
-    const Tensor& states_grad = context->input(5);
+    const Tensor& sequence = context->input(0);
+    const Tensor& kernel = context->input(3);
+    const Tensor& bias = context->input(4);
+    const Tensor& mask = context->input(5);
+    const Tensor& states = context->input(6);
+    const Tensor& states_grad = context->input(7);
+    OP_REQUIRES_OK(context, CheckGruWeights(kernel, bias));
     const int64_t u = kernel.dim_size(0);
-    OP_REQUIRES_OK(context, CheckRecurrentInputs(projected, mask, 3 * u));
-    const int64_t rows = projected.dim_size(0), steps = projected.dim_size(1);
+    OP_REQUIRES_OK(context, CheckRecurrentInputs(sequence, context->input(1), context->input(2),
+                                                 mask, 3 * u));
+    const int64_t rows = sequence.dim_size(0), steps = sequence.dim_size(1);
+    const int64_t features = sequence.dim_size(2);
     OP_REQUIRES(context, states.shape() == states_grad.shape() && states.dims() == 3 &&
                              states.dim_size(0) == rows && states.dim_size(1) == steps &&
                              states.dim_size(2) == u,
                 tensorflow::errors::InvalidArgument("states and their gradient must be [B, T, u]"));
-    Tensor *projected_grad = nullptr, *kernel_grad = nullptr, *bias_grad = nullptr;
-    OP_REQUIRES_OK(context, context->allocate_output(0, projected.shape(), &projected_grad));
-    OP_REQUIRES_OK(context, context->allocate_output(1, kernel.shape(), &kernel_grad));
-    OP_REQUIRES_OK(context, context->allocate_output(2, bias.shape(), &bias_grad));
-    const T* projected_rows = projected.flat<T>().data();
+    Tensor *sequence_grad = nullptr, *input_kernel_grad = nullptr, *input_bias_grad = nullptr;
+    Tensor *kernel_grad = nullptr, *bias_grad = nullptr;
+    OP_REQUIRES_OK(context, context->allocate_output(0, sequence.shape(), &sequence_grad));
+    OP_REQUIRES_OK(context, context->allocate_output(1, context->input(1).shape(),
+                                                     &input_kernel_grad));
+    OP_REQUIRES_OK(context, context->allocate_output(2, context->input(2).shape(),
+                                                     &input_bias_grad));
+    OP_REQUIRES_OK(context, context->allocate_output(3, kernel.shape(), &kernel_grad));
+    OP_REQUIRES_OK(context, context->allocate_output(4, bias.shape(), &bias_grad));
+    const T* sequence_rows = sequence.flat<T>().data();
     const float* m = mask.flat<float>().data();
     const T* states_rows = states.flat<T>().data();
     const T* states_grad_rows = states_grad.flat<T>().data();
-    T* projected_grad_rows = projected_grad->flat<T>().data();
+    T* sequence_grad_rows = sequence_grad->flat<T>().data();
+    const InputProjection projection(context->input(1), context->input(2), bf16_, true);
     const View kernel_view{kernel.flat<float>().data(), u, 3 * u, 3 * u, 1};
     const Weight U(kernel_view, bf16_), U_transposed(kernel_view.Transposed(), bf16_);
     ConstRowMap b(bias.flat<float>().data(), 3 * u);
@@ -243,18 +326,25 @@ class GruGradOp : public sim_merlin::RowBlockKernel {
     // the threads (--deterministic).
     std::vector<Matrix> block_dUs(BlockCount(rows), Matrix::Zero(u, 3 * u));
     std::vector<Eigen::RowVectorXf> block_dbs(BlockCount(rows), Eigen::RowVectorXf::Zero(3 * u));
+    std::vector<Matrix> block_dWs(BlockCount(rows), Matrix::Zero(features, 3 * u));
+    std::vector<Eigen::RowVectorXf> block_dbxs(BlockCount(rows), Eigen::RowVectorXf::Zero(3 * u));
 
-    ForEachRowBlock(context, threads_, rows, steps * u * 3 * u * 6, [&](int64_t begin, int64_t end) {
+    ForEachRowBlock(context, threads_, rows, steps * (u + features) * 3 * u * 6,
+                    [&](int64_t begin, int64_t end) {
       const int64_t n = end - begin;
-      std::vector<float> p_buffer, hs_buffer, dhs_buffer, dp_buffer;  // as float32 (rows.h)
-      const float* p = InputRows(projected_rows + begin * steps * 3 * u, n * steps * 3 * u,
-                                 &p_buffer);
+      std::vector<float> x_buffer, hs_buffer, dhs_buffer, dx_buffer;  // as float32 (rows.h)
+      const float* x = InputRows(sequence_rows + begin * steps * features, n * steps * features,
+                                 &x_buffer);
       const float* hs = InputRows(states_rows + begin * steps * u, n * steps * u, &hs_buffer);
       const float* dhs = InputRows(states_grad_rows + begin * steps * u, n * steps * u,
                                    &dhs_buffer);
-      float* dp = OutputRows(projected_grad_rows + begin * steps * 3 * u, n * steps * 3 * u,
-                             &dp_buffer);
+      float* dx = OutputRows(sequence_grad_rows + begin * steps * features, n * steps * features,
+                             &dx_buffer);
       Products products(bf16_);
+      Matrix projected, projected_grad(n * steps, 3 * u);
+      projection.Forward(x, n * steps, &products, &projected);
+      const float* p = projected.data();
+      float* dp = projected_grad.data();
       Matrix& block_dU = block_dUs[begin / kRowsPerBlock];
       Eigen::RowVectorXf& block_db = block_dbs[begin / kRowsPerBlock];
       Matrix inner(n, 3 * u), d_inner(n, 3 * u);
@@ -291,10 +381,14 @@ class GruGradOp : public sim_merlin::RowBlockKernel {
         g.array() = through * z + total.colwise() * (1.0f - keep);
         products.Multiply(View::Of(d_inner), U_transposed, g.data(), u, true);
       }
-      StoreRows(dp, n * steps * 3 * u, projected_grad_rows + begin * steps * 3 * u);
+      projection.Backward(x, projected_grad, &products, dx, &block_dWs[begin / kRowsPerBlock],
+                          &block_dbxs[begin / kRowsPerBlock]);
+      StoreRows(dx, n * steps * features, sequence_grad_rows + begin * steps * features);
     });
     for (const Matrix& part : block_dUs) dU += part;
     for (const Eigen::RowVectorXf& part : block_dbs) db += part;
+    SumBlocks(block_dWs, input_kernel_grad);
+    SumBlocks(block_dbxs, input_bias_grad);
   }
 };
 
@@ -305,17 +399,19 @@ REGISTER_OP("SimMerlinAugru")
     .Attr("T: {float, bfloat16}")  // the dtype of the large input (rows.h)
     .Attr("bf16_products: bool = false")  // bfloat16 products, float32 sums
     .Attr("threads: int = 0")  // > 1: own threads when the intra-op pool has one (parallel.h)
-    .Input("projected: T")           // [B, T, 3u]: x [W_gx | W_cx] + [b_g | b_c]
+    .Input("sequence: T")            // [B, T, F]
+    .Input("kernel: float")          // [F, 3u]: the input's part of the kernels, [W_gx | W_cx]
+    .Input("input_bias: float")      // [3u]: [b_g | b_c]
     .Input("gate_kernel: float")     // [u, 2u]: the state's part of the gate kernel (r, u)
     .Input("candidate_kernel: float")  // [u, u]: the state's part of the candidate kernel
     .Input("scores: float")          // [B, T] attention scores a_t
     .Input("mask: float")            // [B, T]
     .Output("final_state: float")    // [B, u]
     .SetShapeFn([](InferenceContext* c) {
-      ShapeHandle projected, kernel;
-      TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 3, &projected));
-      TF_RETURN_IF_ERROR(c->WithRank(c->input(2), 2, &kernel));
-      c->set_output(0, c->MakeShape({c->Dim(projected, 0), c->Dim(kernel, 0)}));
+      ShapeHandle sequence, kernel;
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 3, &sequence));
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(4), 2, &kernel));
+      c->set_output(0, c->MakeShape({c->Dim(sequence, 0), c->Dim(kernel, 0)}));
       return Status();
     });
 
@@ -323,18 +419,22 @@ REGISTER_OP("SimMerlinAugruGrad")
     .Attr("T: {float, bfloat16}")
     .Attr("bf16_products: bool = false")  // bfloat16 products, float32 sums
     .Attr("threads: int = 0")  // > 1: own threads when the intra-op pool has one (parallel.h)
-    .Input("projected: T")
+    .Input("sequence: T")
+    .Input("kernel: float")
+    .Input("input_bias: float")
     .Input("gate_kernel: float")
     .Input("candidate_kernel: float")
     .Input("scores: float")
     .Input("mask: float")
     .Input("final_state_grad: float")  // [B, u]
-    .Output("projected_grad: T")
+    .Output("sequence_grad: T")
+    .Output("kernel_grad: float")
+    .Output("input_bias_grad: float")
     .Output("gate_kernel_grad: float")
     .Output("candidate_kernel_grad: float")
     .Output("scores_grad: float")
     .SetShapeFn([](InferenceContext* c) {
-      for (int i = 0; i < 4; ++i) c->set_output(i, c->input(i));
+      for (int i = 0; i < 6; ++i) c->set_output(i, c->input(i));
       return Status();
     });
 
@@ -389,8 +489,9 @@ struct AugruBlock {
   }
 };
 
-Status CheckAugruInputs(const Tensor& projected, const Tensor& gate_kernel,
-                        const Tensor& candidate_kernel, const Tensor& scores, const Tensor& mask) {
+Status CheckAugruInputs(const Tensor& sequence, const Tensor& kernel, const Tensor& input_bias,
+                        const Tensor& gate_kernel, const Tensor& candidate_kernel,
+                        const Tensor& scores, const Tensor& mask) {
   if (candidate_kernel.dims() != 2 || candidate_kernel.dim_size(0) != candidate_kernel.dim_size(1)) {
     return tensorflow::errors::InvalidArgument("candidate_kernel must be [u, u], got ",
                                                candidate_kernel.shape().DebugString());
@@ -400,13 +501,10 @@ Status CheckAugruInputs(const Tensor& projected, const Tensor& gate_kernel,
     return tensorflow::errors::InvalidArgument("gate_kernel must be [u, 2u] = [", u, ", ", 2 * u,
                                                "], got ", gate_kernel.shape().DebugString());
   }
-  if (projected.dims() != 3 || projected.dim_size(2) != 3 * u) {
-    return tensorflow::errors::InvalidArgument("projected must be [batch, steps, ", 3 * u,
-                                               "], got ", projected.shape().DebugString());
-  }
+  TF_RETURN_IF_ERROR(CheckRecurrentInputs(sequence, kernel, input_bias, mask, 3 * u));
   for (const Tensor* t : {&scores, &mask}) {
-    if (t->dims() != 2 || t->dim_size(0) != projected.dim_size(0) ||
-        t->dim_size(1) != projected.dim_size(1)) {
+    if (t->dims() != 2 || t->dim_size(0) != sequence.dim_size(0) ||
+        t->dim_size(1) != sequence.dim_size(1)) {
       return tensorflow::errors::InvalidArgument("scores and mask must be [batch, steps], got ",
                                                  t->shape().DebugString());
     }
@@ -420,26 +518,32 @@ class AugruOp : public sim_merlin::RowBlockKernel {
   using RowBlockKernel::RowBlockKernel;
 
   void Compute(OpKernelContext* context) override {
-    const Tensor &projected = context->input(0), &gate_kernel = context->input(1),
-                 &candidate_kernel = context->input(2), &scores = context->input(3),
-                 &mask = context->input(4);
-    OP_REQUIRES_OK(context,
-                   CheckAugruInputs(projected, gate_kernel, candidate_kernel, scores, mask));
+    const Tensor &sequence = context->input(0), &gate_kernel = context->input(3),
+                 &candidate_kernel = context->input(4), &scores = context->input(5),
+                 &mask = context->input(6);
+    OP_REQUIRES_OK(context, CheckAugruInputs(sequence, context->input(1), context->input(2),
+                                             gate_kernel, candidate_kernel, scores, mask));
     const int64_t u = candidate_kernel.dim_size(0);
-    const int64_t rows = projected.dim_size(0), steps = projected.dim_size(1);
+    const int64_t rows = sequence.dim_size(0), steps = sequence.dim_size(1);
+    const int64_t features = sequence.dim_size(2);
     Tensor* final_state = nullptr;
     OP_REQUIRES_OK(context, context->allocate_output(0, TensorShape({rows, u}), &final_state));
     float* out = final_state->flat<float>().data();
     const Weight Wg({gate_kernel.flat<float>().data(), u, 2 * u, 2 * u, 1}, bf16_);
     const Weight Wc({candidate_kernel.flat<float>().data(), u, u, u, 1}, bf16_);
-    const T* projected_rows = projected.flat<T>().data();
-    ForEachRowBlock(context, threads_, rows, steps * u * 3 * u * 2, [&](int64_t begin, int64_t end) {
+    const T* sequence_rows = sequence.flat<T>().data();
+    const InputProjection projection(context->input(1), context->input(2), bf16_, false);
+    ForEachRowBlock(context, threads_, rows, steps * (u + features) * 3 * u * 2,
+                    [&](int64_t begin, int64_t end) {
+      const int64_t n = end - begin;
       std::vector<float> buffer;
-      const float* p = InputRows(projected_rows + begin * steps * 3 * u,
-                                 (end - begin) * steps * 3 * u, &buffer);
+      const float* x = InputRows(sequence_rows + begin * steps * features, n * steps * features,
+                                 &buffer);
       Products products(bf16_);
-      AugruBlock block(end - begin, u, steps, false);
-      const float* last = block.Run(p, Wg, Wc,
+      Matrix projected;
+      projection.Forward(x, n * steps, &products, &projected);
+      AugruBlock block(n, u, steps, false);
+      const float* last = block.Run(projected.data(), Wg, Wc,
                                     scores.flat<float>().data(), mask.flat<float>().data(), begin,
                                     &products);
       std::copy_n(last, (end - begin) * u, out + begin * u);
@@ -453,22 +557,27 @@ class AugruGradOp : public sim_merlin::RowBlockKernel {
   using RowBlockKernel::RowBlockKernel;
 
   void Compute(OpKernelContext* context) override {
-    const Tensor &projected = context->input(0), &gate_kernel = context->input(1),
-                 &candidate_kernel = context->input(2), &scores = context->input(3),
-                 &mask = context->input(4), &final_grad = context->input(5);
-    OP_REQUIRES_OK(context,
-                   CheckAugruInputs(projected, gate_kernel, candidate_kernel, scores, mask));
+    const Tensor &sequence = context->input(0), &gate_kernel = context->input(3),
+                 &candidate_kernel = context->input(4), &scores = context->input(5),
+                 &mask = context->input(6), &final_grad = context->input(7);
+    OP_REQUIRES_OK(context, CheckAugruInputs(sequence, context->input(1), context->input(2),
+                                             gate_kernel, candidate_kernel, scores, mask));
     const int64_t u = candidate_kernel.dim_size(0);
-    const int64_t rows = projected.dim_size(0), steps = projected.dim_size(1);
+    const int64_t rows = sequence.dim_size(0), steps = sequence.dim_size(1);
+    const int64_t features = sequence.dim_size(2);
     OP_REQUIRES(context, final_grad.dims() == 2 && final_grad.dim_size(0) == rows &&
                              final_grad.dim_size(1) == u,
                 tensorflow::errors::InvalidArgument("final_state_grad must be [batch, u]"));
-    Tensor *projected_grad = nullptr, *gate_grad = nullptr, *candidate_grad = nullptr,
-           *scores_grad = nullptr;
-    OP_REQUIRES_OK(context, context->allocate_output(0, projected.shape(), &projected_grad));
-    OP_REQUIRES_OK(context, context->allocate_output(1, gate_kernel.shape(), &gate_grad));
-    OP_REQUIRES_OK(context, context->allocate_output(2, candidate_kernel.shape(), &candidate_grad));
-    OP_REQUIRES_OK(context, context->allocate_output(3, scores.shape(), &scores_grad));
+    Tensor *sequence_grad = nullptr, *input_kernel_grad = nullptr, *input_bias_grad = nullptr;
+    Tensor *gate_grad = nullptr, *candidate_grad = nullptr, *scores_grad = nullptr;
+    OP_REQUIRES_OK(context, context->allocate_output(0, sequence.shape(), &sequence_grad));
+    OP_REQUIRES_OK(context, context->allocate_output(1, context->input(1).shape(),
+                                                     &input_kernel_grad));
+    OP_REQUIRES_OK(context, context->allocate_output(2, context->input(2).shape(),
+                                                     &input_bias_grad));
+    OP_REQUIRES_OK(context, context->allocate_output(3, gate_kernel.shape(), &gate_grad));
+    OP_REQUIRES_OK(context, context->allocate_output(4, candidate_kernel.shape(), &candidate_grad));
+    OP_REQUIRES_OK(context, context->allocate_output(5, scores.shape(), &scores_grad));
     MatrixMap dWg(gate_grad->flat<float>().data(), u, 2 * u);
     MatrixMap dWc(candidate_grad->flat<float>().data(), u, u);
     dWg.setZero();
@@ -480,22 +589,29 @@ class AugruGradOp : public sim_merlin::RowBlockKernel {
     const float* a = scores.flat<float>().data();
     const float* m = mask.flat<float>().data();
     const float* dfinal = final_grad.flat<float>().data();
-    const T* projected_rows = projected.flat<T>().data();
-    T* projected_grad_rows = projected_grad->flat<T>().data();
+    const T* sequence_rows = sequence.flat<T>().data();
+    T* sequence_grad_rows = sequence_grad->flat<T>().data();
     float* da = scores_grad->flat<float>().data();
+    const InputProjection projection(context->input(1), context->input(2), bf16_, true);
     std::vector<Matrix> block_dWgs(BlockCount(rows), Matrix::Zero(u, 2 * u));
     std::vector<Matrix> block_dWcs(BlockCount(rows), Matrix::Zero(u, u));
+    std::vector<Matrix> block_dWs(BlockCount(rows), Matrix::Zero(features, 3 * u));
+    std::vector<Eigen::RowVectorXf> block_dbxs(BlockCount(rows), Eigen::RowVectorXf::Zero(3 * u));
 
-    ForEachRowBlock(context, threads_, rows, steps * u * 3 * u * 6, [&](int64_t begin, int64_t end) {
+    ForEachRowBlock(context, threads_, rows, steps * (u + features) * 3 * u * 6,
+                    [&](int64_t begin, int64_t end) {
       const int64_t n = end - begin;
-      std::vector<float> p_buffer, dp_buffer;  // this block's rows as float32 (rows.h)
-      const float* p = InputRows(projected_rows + begin * steps * 3 * u, n * steps * 3 * u,
-                                 &p_buffer);
-      float* dp = OutputRows(projected_grad_rows + begin * steps * 3 * u, n * steps * 3 * u,
-                             &dp_buffer);
+      std::vector<float> x_buffer, dx_buffer;  // this block's rows as float32 (rows.h)
+      const float* x = InputRows(sequence_rows + begin * steps * features, n * steps * features,
+                                 &x_buffer);
+      float* dx = OutputRows(sequence_grad_rows + begin * steps * features, n * steps * features,
+                             &dx_buffer);
       Products products(bf16_);
+      Matrix projected, projected_grad(n * steps, 3 * u);
+      projection.Forward(x, n * steps, &products, &projected);
+      float* dp = projected_grad.data();
       AugruBlock block(n, u, steps, true);
-      block.Run(p, Wg, Wc, a, m, begin, &products);
+      block.Run(projected.data(), Wg, Wc, a, m, begin, &products);
       Matrix& block_dWg = block_dWgs[begin / kRowsPerBlock];
       Matrix& block_dWc = block_dWcs[begin / kRowsPerBlock];
       Matrix g(n, u), d_gates(n, 2 * u), d_candidate(n, u), d_reset_state(n, u);
@@ -531,10 +647,14 @@ class AugruGradOp : public sim_merlin::RowBlockKernel {
                           View::Of(d_gates), block_dWg.data(), 2 * u, true);
         products.Multiply(View::Of(d_gates), Wg_transposed, g.data(), u, true);
       }
-      StoreRows(dp, n * steps * 3 * u, projected_grad_rows + begin * steps * 3 * u);
+      projection.Backward(x, projected_grad, &products, dx, &block_dWs[begin / kRowsPerBlock],
+                          &block_dbxs[begin / kRowsPerBlock]);
+      StoreRows(dx, n * steps * features, sequence_grad_rows + begin * steps * features);
     });
     for (const Matrix& part : block_dWgs) dWg += part;
     for (const Matrix& part : block_dWcs) dWc += part;
+    SumBlocks(block_dWs, input_kernel_grad);
+    SumBlocks(block_dbxs, input_bias_grad);
   }
 };
 

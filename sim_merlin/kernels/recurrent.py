@@ -1,12 +1,12 @@
 """The fused GRU and AUGRU recurrences as TensorFlow ops with their gradients.
 
-:func:`gru` and :func:`augru` take the input projection of every step already computed (one large
-product that stays in TensorFlow) and run the state recurrence of a block of rows in one C++
-pass; their gradients are single ops as well. Element-wise work is float32; the products are
+:func:`gru` and :func:`augru` run the whole layer over a block of rows in one C++ pass: the
+input projection of every step (one product per block), then the state recurrence; their
+gradients are single ops as well. Element-wise work is float32; the products are
 float32, or, for bfloat16 inputs (``mixed_bfloat16``), bfloat16 products with float32 sums as
-TensorFlow's own products under that policy (on CPUs with AVX512-BF16). The projections, the
-states and their gradients stay in the model's dtype (a kernel converts each block of rows), so
-no cast op passes over them; the result has the input's dtype. The blocks use them where
+TensorFlow's own products under that policy (on AMX or AVX512-BF16). The sequences, the states
+and their gradients stay in the model's dtype (a kernel converts each block of rows), so no cast
+op passes over them; the result has the input's dtype. The blocks use them where
 :func:`sim_merlin.kernels.model_ops.available` holds, and their plain TensorFlow recurrences,
 which compute the same values, elsewhere.
 
@@ -16,8 +16,8 @@ Example::
     >>> import tensorflow as tf
     >>> from sim_merlin.kernels import model_ops, recurrent
     >>> if model_ops.available():
-    ...     states = recurrent.gru(tf.zeros([2, 5, 6]), tf.zeros([2, 6]), tf.zeros([6]),
-    ...                            tf.ones([2, 5]))
+    ...     states = recurrent.gru(tf.zeros([2, 5, 4]), tf.zeros([4, 6]), tf.zeros([6]),
+    ...                            tf.zeros([2, 6]), tf.zeros([6]), tf.ones([2, 5]))
     ...     assert states.shape == (2, 5, 2)
 """
 from __future__ import annotations
@@ -38,30 +38,37 @@ def model_dtype(tensor):
     return tensor if tensor.dtype in (tf.float32, tf.bfloat16) else tf.cast(tensor, tf.float32)
 
 
-def gru(projected, recurrent_kernel, recurrent_bias, mask):
-    """Keras's GRU recurrence (``reset_after=True``, gates z, r, h) -> states [B, T, u].
+def gru(sequence, kernel, input_bias, recurrent_kernel, recurrent_bias, mask):
+    """Keras's GRU (``reset_after=True``, gates z, r, h) over ``sequence`` [B, T, F] -> states
+    [B, T, u].
 
-    ``projected`` [B, T, 3u] is ``x @ kernel + input_bias``; ``mask`` [B, T] (1 = the step is
-    taken, 0 = the state is carried over).
+    ``kernel`` [F, 3u], ``input_bias`` [3u], ``recurrent_kernel`` [u, 3u], ``recurrent_bias``
+    [3u] (Keras's ``bias`` is ``[input_bias, recurrent_bias]``); ``mask`` [B, T] (1 = the step
+    is taken, 0 = the state is carried over).
     """
-    dtype = projected.dtype
+    dtype = sequence.dtype
     states = _library().sim_merlin_gru(
-        model_dtype(projected),
-        *_float32(recurrent_kernel, tf.reshape(recurrent_bias, [-1]), mask),
+        model_dtype(sequence),
+        *_float32(kernel, tf.reshape(input_bias, [-1]), recurrent_kernel,
+                  tf.reshape(recurrent_bias, [-1]), mask),
         bf16_products=dtype == tf.bfloat16, threads=_threads())
     return tf.cast(states, dtype)
 
 
-def augru(projected, gate_kernel, candidate_kernel, scores, mask):
-    """DIEN's AUGRU recurrence (``sim_merlin.blocks.interest.AUGRUCell``) -> last state [B, u].
+def augru(sequence, kernel, input_bias, gate_kernel, candidate_kernel, scores, mask):
+    """DIEN's AUGRU (``sim_merlin.blocks.interest.AUGRUCell``) over ``sequence`` [B, T, F] -> the
+    last state [B, u].
 
-    ``projected`` [B, T, 3u] is ``x @ [W_gates_x | W_candidate_x] + [b_gates | b_candidate]``;
-    ``gate_kernel`` [u, 2u] and ``candidate_kernel`` [u, u] the state's parts of the kernels;
-    ``scores`` [B, T] the attention scores; ``mask`` [B, T].
+    ``kernel`` [F, 3u] and ``input_bias`` [3u] are the input's parts of the gate and candidate
+    layers, ``[W_gates_x | W_candidate_x]`` and ``[b_gates | b_candidate]``; ``gate_kernel``
+    [u, 2u] and ``candidate_kernel`` [u, u] their state's parts; ``scores`` [B, T] the attention
+    scores; ``mask`` [B, T].
     """
-    dtype = projected.dtype
+    dtype = sequence.dtype
     final = _library().sim_merlin_augru(
-        model_dtype(projected), *_float32(gate_kernel, candidate_kernel, scores, mask),
+        model_dtype(sequence),
+        *_float32(kernel, tf.reshape(input_bias, [-1]), gate_kernel, candidate_kernel, scores,
+                  mask),
         bf16_products=dtype == tf.bfloat16, threads=_threads())
     return tf.cast(final, dtype)
 
@@ -71,7 +78,7 @@ def _gru_gradient(op, states_grad):
     grads = _library().sim_merlin_gru_grad(*op.inputs, op.outputs[0], states_grad,
                                            bf16_products=op.get_attr("bf16_products"),
                                            threads=op.get_attr("threads"))
-    return [*grads, None]
+    return [*grads, None]  # no gradient for the mask
 
 
 @tf.RegisterGradient("SimMerlinAugru")
@@ -79,4 +86,4 @@ def _augru_gradient(op, final_grad):
     grads = _library().sim_merlin_augru_grad(*op.inputs, final_grad,
                                              bf16_products=op.get_attr("bf16_products"),
                                              threads=op.get_attr("threads"))
-    return [*grads, None]
+    return [*grads, None]  # no gradient for the mask

@@ -21,19 +21,19 @@ import tensorflow as tf
 from sim_merlin.kernels.build import load
 lib = load()
 rng = np.random.default_rng(0)
-B, T, u = 300, 5, 6  # row blocks of 128, 128 and 44; widths that are not whole tiles
+B, T, u, F = 300, 5, 6, 7  # row blocks of 128, 128 and 44; widths that are not whole tiles
 f = lambda *s: tf.constant(rng.normal(size=s).astype(np.float32) * 0.5)  # noqa: E731
-p, states, d_states = f(B, T, 3 * u), f(B, T, u), f(B, T, u)
-U, b, Wg, Wc = f(u, 3 * u), f(3 * u), f(u, 2 * u), f(u, u)
+x, states, d_states = f(B, T, F), f(B, T, u), f(B, T, u)
+W, bx, U, b, Wg, Wc = f(F, 3 * u), f(3 * u), f(u, 3 * u), f(3 * u), f(u, 2 * u), f(u, u)
 mask = tf.constant((rng.uniform(size=(B, T)) < 0.8).astype(np.float32))
 scores = tf.constant(rng.uniform(size=(B, T)).astype(np.float32))
 pre, d_out = f(700, 37), f(700, 1)
 kernels, biases = [f(37, 20), f(20, 1)], [f(20), f(1)]
 o = dict(bf16_products=True, threads=1)
-results = [lib.sim_merlin_gru(p, U, b, mask, **o),
-           *lib.sim_merlin_gru_grad(p, U, b, mask, states, d_states, **o),
-           lib.sim_merlin_augru(p, Wg, Wc, scores, mask, **o),
-           *lib.sim_merlin_augru_grad(p, Wg, Wc, scores, mask, d_states[:, 0], **o),
+results = [lib.sim_merlin_gru(x, W, bx, U, b, mask, **o),
+           *lib.sim_merlin_gru_grad(x, W, bx, U, b, mask, states, d_states, **o),
+           lib.sim_merlin_augru(x, W, bx, Wg, Wc, scores, mask, **o),
+           *lib.sim_merlin_augru_grad(x, W, bx, Wg, Wc, scores, mask, d_states[:, 0], **o),
            lib.sim_merlin_sigmoid_mlp(pre, kernels, biases, **o)]
 pre_grad, kernel_grads, bias_grads = lib.sim_merlin_sigmoid_mlp_grad(pre, kernels, biases, d_out,
                                                                      **o)
@@ -55,7 +55,7 @@ def test_amx_and_avx512_products_agree(tmp_path):
         assert result.returncode == 0, result.stderr[-3000:]
         outputs[amx] = np.load(target)
     names = outputs["1"].files
-    assert len(names) == 15
+    assert len(names) == 19
     # The tile path really ran: its sums are ordered differently, so some bits differ.
     assert any(not np.array_equal(outputs["1"][n], outputs["0"][n]) for n in names)
     for name in names:

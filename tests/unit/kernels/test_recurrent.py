@@ -93,31 +93,32 @@ def _bits(tensor):
 
 
 def test_bfloat16_rows_are_converted_inside_the_kernels_as_a_cast_would():
-    """bfloat16 projections, states and their gradients go in and out of the ops as they are
+    """bfloat16 sequences, states and their gradients go in and out of the ops as they are
     (no Cast op over them); inside, each block is widened exactly and the results rounded to
     the nearest even bfloat16: bit for bit what casting around the float32 op gives."""
     lib = build.load()
     rng = np.random.default_rng(8)
-    rows, steps, u = 301, 7, 6  # several blocks; lengths that are not multiples of 16
+    rows, steps, u, f = 301, 7, 6, 5  # several blocks; lengths that are not multiples of 16
     low = lambda shape: tf.cast(rng.normal(size=shape).astype(np.float32), tf.bfloat16)  # noqa
     f32 = lambda t: tf.cast(t, tf.float32)  # noqa: E731
-    p, states, states_grad = low((rows, steps, 3 * u)), low((rows, steps, u)), low((rows, steps, u))
-    U, Wg, Wc = (tf.constant(rng.normal(size=s).astype(np.float32) * 0.3)
-                 for s in [(u, 3 * u), (u, 2 * u), (u, u)])
-    b = tf.constant(rng.normal(size=(3 * u,)).astype(np.float32))
+    x, states, states_grad = low((rows, steps, f)), low((rows, steps, u)), low((rows, steps, u))
+    W, U, Wg, Wc = (tf.constant(rng.normal(size=s).astype(np.float32) * 0.3)
+                    for s in [(f, 3 * u), (u, 3 * u), (u, 2 * u), (u, u)])
+    b, bx = (tf.constant(rng.normal(size=(3 * u,)).astype(np.float32)) for _ in range(2))
     mask = tf.constant((rng.uniform(size=(rows, steps)) < 0.8).astype(np.float32))
     scores = tf.constant(rng.uniform(size=(rows, steps)).astype(np.float32))
     final_grad = tf.constant(rng.normal(size=(rows, u)).astype(np.float32))
     options = dict(bf16_products=True, threads=1)
     pairs = [
-        (lib.sim_merlin_gru(p, U, b, mask, **options),
-         lib.sim_merlin_gru(f32(p), U, b, mask, **options)),
-        (lib.sim_merlin_gru_grad(p, U, b, mask, states, states_grad, **options),
-         lib.sim_merlin_gru_grad(f32(p), U, b, mask, f32(states), f32(states_grad), **options)),
-        (lib.sim_merlin_augru(p, Wg, Wc, scores, mask, **options),
-         lib.sim_merlin_augru(f32(p), Wg, Wc, scores, mask, **options)),
-        (lib.sim_merlin_augru_grad(p, Wg, Wc, scores, mask, final_grad, **options),
-         lib.sim_merlin_augru_grad(f32(p), Wg, Wc, scores, mask, final_grad, **options)),
+        (lib.sim_merlin_gru(x, W, bx, U, b, mask, **options),
+         lib.sim_merlin_gru(f32(x), W, bx, U, b, mask, **options)),
+        (lib.sim_merlin_gru_grad(x, W, bx, U, b, mask, states, states_grad, **options),
+         lib.sim_merlin_gru_grad(f32(x), W, bx, U, b, mask, f32(states), f32(states_grad),
+                                 **options)),
+        (lib.sim_merlin_augru(x, W, bx, Wg, Wc, scores, mask, **options),
+         lib.sim_merlin_augru(f32(x), W, bx, Wg, Wc, scores, mask, **options)),
+        (lib.sim_merlin_augru_grad(x, W, bx, Wg, Wc, scores, mask, final_grad, **options),
+         lib.sim_merlin_augru_grad(f32(x), W, bx, Wg, Wc, scores, mask, final_grad, **options)),
     ]
     for low_out, full_out in pairs:
         for got, want in zip(tf.nest.flatten(low_out), tf.nest.flatten(full_out)):
@@ -132,11 +133,14 @@ def test_bfloat16_rows_are_converted_inside_the_kernels_as_a_cast_would():
 
 
 def test_bad_shapes_are_named():
+    gru_weights = [tf.zeros([4, 6]), tf.zeros([6]), tf.zeros([2, 6]), tf.zeros([6])]
     with pytest.raises(tf.errors.InvalidArgumentError, match="mask must be"):
-        recurrent.gru(tf.zeros([2, 3, 6]), tf.zeros([2, 6]), tf.zeros([6]), tf.ones([2, 4]))
+        recurrent.gru(tf.zeros([2, 3, 4]), *gru_weights, tf.ones([2, 4]))
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"kernel must be \[features, 6\]"):
+        recurrent.gru(tf.zeros([2, 3, 5]), *gru_weights, tf.ones([2, 3]))
     with pytest.raises(tf.errors.InvalidArgumentError, match="gate_kernel must be"):
-        recurrent.augru(tf.zeros([2, 3, 6]), tf.zeros([2, 3]), tf.zeros([2, 2]), tf.ones([2, 3]),
-                        tf.ones([2, 3]))
+        recurrent.augru(tf.zeros([2, 3, 4]), tf.zeros([4, 6]), tf.zeros([6]), tf.zeros([2, 3]),
+                        tf.zeros([2, 2]), tf.ones([2, 3]), tf.ones([2, 3]))
 
 
 def test_saved_models_never_contain_the_fused_ops(tmp_path):
@@ -164,8 +168,10 @@ def test_saved_models_never_contain_the_fused_ops(tmp_path):
 
 THREADS_SCRIPT = r"""
 rng = np.random.default_rng(0)
-B, T, u = 700, 6, 8  # 6 row blocks, the last one partial
-p = tf.constant(rng.normal(size=(B, T, 3 * u)).astype(np.float32))
+B, T, u, F = 700, 6, 8, 5  # 6 row blocks, the last one partial
+x = tf.constant(rng.normal(size=(B, T, F)).astype(np.float32))
+W = tf.constant(rng.normal(size=(F, 3 * u)).astype(np.float32) * 0.3)
+bx = tf.constant(rng.normal(size=(3 * u,)).astype(np.float32))
 mask = tf.constant((rng.uniform(size=(B, T)) < 0.8).astype(np.float32))
 a = tf.constant(rng.uniform(size=(B, T)).astype(np.float32))
 U = tf.constant(rng.normal(size=(u, 3 * u)).astype(np.float32) * 0.3)
@@ -175,12 +181,11 @@ Wc = tf.constant(rng.normal(size=(u, u)).astype(np.float32) * 0.3)
 out = {}
 for threads in (1, 3):
     for bf16 in (False, True):
-        states = lib.sim_merlin_gru(p, U, b, mask, bf16_products=bf16, threads=threads)
-        grads = lib.sim_merlin_gru_grad(p, U, b, mask, states, states, bf16_products=bf16,
-                                        threads=threads)
-        final = lib.sim_merlin_augru(p, Wg, Wc, a, mask, bf16_products=bf16, threads=threads)
-        agrads = lib.sim_merlin_augru_grad(p, Wg, Wc, a, mask, final, bf16_products=bf16,
-                                           threads=threads)
+        options = dict(bf16_products=bf16, threads=threads)
+        states = lib.sim_merlin_gru(x, W, bx, U, b, mask, **options)
+        grads = lib.sim_merlin_gru_grad(x, W, bx, U, b, mask, states, states, **options)
+        final = lib.sim_merlin_augru(x, W, bx, Wg, Wc, a, mask, **options)
+        agrads = lib.sim_merlin_augru_grad(x, W, bx, Wg, Wc, a, mask, final, **options)
         out[threads, bf16] = [t.numpy() for t in (states, *grads, final, *agrads)]
 for bf16 in (False, True):
     for x, y in zip(out[1, bf16], out[3, bf16]):
