@@ -251,7 +251,9 @@ inline void ProductAmx(const PackedA& a, const PackedB& b, float* c, int64_t ldc
       } else {
         std::memset(edge, 0, sizeof edge);
         for (int q = 0; q < 4; ++q)
-          for_edge(q, [](float* in_c, float* in_edge, int64_t n) { std::copy_n(in_c, n, in_edge); });
+          for_edge(q, [](float* in_c, float* in_edge, int64_t n) {
+            std::copy_n(in_c, n, in_edge);
+          });
         _tile_loadd(0, edge[0], 64); _tile_loadd(1, edge[1], 64);
         _tile_loadd(2, edge[2], 64); _tile_loadd(3, edge[3], 64);
       }
@@ -274,7 +276,9 @@ inline void ProductAmx(const PackedA& a, const PackedB& b, float* c, int64_t ldc
         _tile_stored(0, edge[0], 64); _tile_stored(1, edge[1], 64);
         _tile_stored(2, edge[2], 64); _tile_stored(3, edge[3], 64);
         for (int q = 0; q < 4; ++q)
-          for_edge(q, [](float* in_c, float* in_edge, int64_t n) { std::copy_n(in_edge, n, in_c); });
+          for_edge(q, [](float* in_c, float* in_edge, int64_t n) {
+            std::copy_n(in_edge, n, in_c);
+          });
       }
     }
   }
@@ -364,8 +368,9 @@ class Products {
   }
 
   static void MultiplyFloat(const View& a, const View& b, float* c, int64_t ldc, bool accumulate) {
-    Strided am(a.data, a.rows, a.cols, Eigen::Stride<Eigen::Dynamic, Eigen::Dynamic>(a.row_stride, a.col_stride));
-    Strided bm(b.data, b.rows, b.cols, Eigen::Stride<Eigen::Dynamic, Eigen::Dynamic>(b.row_stride, b.col_stride));
+    using Strides = Eigen::Stride<Eigen::Dynamic, Eigen::Dynamic>;
+    Strided am(a.data, a.rows, a.cols, Strides(a.row_stride, a.col_stride));
+    Strided bm(b.data, b.rows, b.cols, Strides(b.row_stride, b.col_stride));
     Target cm(c, a.rows, b.cols, Eigen::OuterStride<>(ldc));
     if (accumulate) {
       cm.noalias() += am * bm;

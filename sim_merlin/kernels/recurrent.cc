@@ -76,7 +76,8 @@ inline ConstStepRows StepOf(const float* data, int64_t steps, int64_t width, int
 
 inline StepRows StepOf(float* data, int64_t steps, int64_t width, int64_t begin, int64_t n,
                        int64_t t) {
-  return StepRows(data + (begin * steps + t) * width, n, width, Eigen::OuterStride<>(steps * width));
+  return StepRows(data + (begin * steps + t) * width, n, width,
+                  Eigen::OuterStride<>(steps * width));
 }
 
 inline View StepView(const float* data, int64_t steps, int64_t width, int64_t begin, int64_t n,
@@ -492,7 +493,8 @@ struct AugruBlock {
 Status CheckAugruInputs(const Tensor& sequence, const Tensor& kernel, const Tensor& input_bias,
                         const Tensor& gate_kernel, const Tensor& candidate_kernel,
                         const Tensor& scores, const Tensor& mask) {
-  if (candidate_kernel.dims() != 2 || candidate_kernel.dim_size(0) != candidate_kernel.dim_size(1)) {
+  if (candidate_kernel.dims() != 2 ||
+      candidate_kernel.dim_size(0) != candidate_kernel.dim_size(1)) {
     return tensorflow::errors::InvalidArgument("candidate_kernel must be [u, u], got ",
                                                candidate_kernel.shape().DebugString());
   }
