@@ -128,6 +128,15 @@ class Layers {
   const Weight& transposed(int i) const { return transposed_[i]; }
   Eigen::Map<const RowVector> bias(int i) const { return {biases_[i], widths_[i + 1]}; }
 
+  // The forward pass of rows [begin, begin + n) of a pre-activation of type T (rows.h).
+  template <typename T>
+  void ForwardRows(const T* pre_rows, int64_t begin, int64_t n, Products* hidden,
+                   Products* output, std::vector<Matrix>* activations, Matrix* out) const {
+    std::vector<float> buffer;
+    Forward(InputRows(pre_rows + begin * widths_[0], n * widths_[0], &buffer), n, hidden, output,
+            activations, out);
+  }
+
   // Multiply-adds per row, forward.
   int64_t Cost() const {
     int64_t cost = 0;
@@ -175,13 +184,11 @@ class SigmoidMlpOp : public sim_merlin::RowBlockKernel {
     float* o = out->flat<float>().data();
     sim_merlin::ForEachRowBlock(
         context, threads_, rows, kRowsPerBlock, 2 * layers.Cost(), [&](int64_t begin, int64_t end) {
-          const int64_t n = end - begin, width = layers.width(0);
-          std::vector<float> buffer;
-          const float* p = InputRows(pre_rows + begin * width, n * width, &buffer);
+          const int64_t n = end - begin;
           Products hidden(bf16_), output(false);
           std::vector<Matrix> activations;
           Matrix block_out;
-          layers.Forward(p, n, &hidden, &output, &activations, &block_out);
+          layers.ForwardRows(pre_rows, begin, n, &hidden, &output, &activations, &block_out);
           std::copy_n(block_out.data(), n * outputs, o + begin * outputs);
         });
   }
@@ -233,12 +240,10 @@ class SigmoidMlpGradOp : public sim_merlin::RowBlockKernel {
     sim_merlin::ForEachRowBlock(
         context, threads_, rows, kRowsPerBlock, 6 * layers.Cost(), [&](int64_t begin, int64_t end) {
           const int64_t n = end - begin, width = layers.width(0);
-          std::vector<float> buffer;
-          const float* p = InputRows(pre_rows + begin * width, n * width, &buffer);
           Products hidden(bf16_), output(false);
           std::vector<Matrix> activations;
           Matrix block_out;
-          layers.Forward(p, n, &hidden, &output, &activations, &block_out);
+          layers.ForwardRows(pre_rows, begin, n, &hidden, &output, &activations, &block_out);
           std::vector<Matrix>& kernels_grad = block_dK[begin / kRowsPerBlock];
           std::vector<RowVector>& biases_grad = block_db[begin / kRowsPerBlock];
           kernels_grad.resize(count);
