@@ -421,6 +421,7 @@ class Run:
                                   drop_remainder=a.drop_remainder,
                                   columns=self.columns_read(train, True))
             self._train_epoch(trainer, loader, steps, epoch, perf)
+            trainer.synchronize()  # every embedding row up to date (deferred Adam steps)
             epoch_time = time.perf_counter() - epoch_started
             time_to_train += epoch_time
             if a.benchmark:

@@ -38,6 +38,7 @@ from merlin.schema import Schema, Tags
 from sim_merlin import schema as conventions
 from sim_merlin.blocks.sequence import left_pad
 from sim_merlin.blocks.serialization import SchemaConfigMixin
+from sim_merlin.blocks.table_reads import AnnouncedEmbedding
 
 
 class SchemaMismatchError(ValueError):
@@ -149,7 +150,8 @@ class BehaviourEmbeddings(SchemaConfigMixin, mm.Block):
         self.tables = {}
         for domain, rows in sorted(self.layout.domain_rows.items()):
             bound = math.sqrt(1.0 / rows)
-            self.tables[domain] = tf.keras.layers.Embedding(
+            # Announced lookups: the trainer's Adam may then defer the untouched rows' steps.
+            self.tables[domain] = AnnouncedEmbedding(
                 rows, self.embedding_dim, name=f"{domain}_embeddings",
                 embeddings_initializer=tf.keras.initializers.RandomUniform(-bound, bound),
             )
@@ -167,11 +169,9 @@ class BehaviourEmbeddings(SchemaConfigMixin, mm.Block):
             value = tf.squeeze(value, axis=1)
         return value
 
-    def _embed(self, inputs, names, sequence=False):
-        return self._lookup({n: self._ids(inputs, n, sequence) for n in names}, names)
-
     def _lookup(self, ids: dict, names):
-        parts = [self.tables[self.layout.column_domain[n]](ids[n]) for n in names]
+        parts = [self.tables[self.layout.column_domain[n]](ids[n], announced=True)
+                 for n in names]
         return tf.concat(parts, axis=-1)
 
     def call(self, inputs, outputs=None, training=False):
@@ -186,15 +186,15 @@ class BehaviourEmbeddings(SchemaConfigMixin, mm.Block):
         if not layout.negative:
             wanted -= {"negative", "short_negative"}
         out = {}
-        if "user" in wanted:
-            out["user"] = self._embed(inputs, layout.user)
-        if "target" in wanted:
-            out["target"] = self._embed(inputs, layout.target)
-        # The long and short parts are looked up on their own, not sliced from the whole
-        # history's lookup (the same values): the gradient of a slice is a dense tensor of the
-        # whole history (StridedSliceGrad, slow on CPU), that of a lookup stays sparse.
-        # Negative-history ids only when asked for: a model that does not read them may be
-        # fed without those columns.
+        # Each output: (ids by column, columns, mask or None). The long and short parts are
+        # looked up on their own, not sliced from the whole history's lookup (the same
+        # values): the gradient of a slice is a dense tensor of the whole history
+        # (StridedSliceGrad, slow on CPU), that of a lookup stays sparse. Negative-history ids
+        # only when asked for: a model that does not read them may be fed without those columns.
+        lookups = {}
+        for key, names in (("user", layout.user), ("target", layout.target)):
+            if key in wanted:
+                lookups[key] = ({n: self._ids(inputs, n) for n in names}, names, None)
         negatives = layout.negative if wanted & {"negative", "short_negative"} else []
         ids = {n: self._ids(inputs, n, sequence=True) for n in layout.history + negatives}
         parts = [self.long_length, self.short_length]
@@ -210,9 +210,18 @@ class BehaviourEmbeddings(SchemaConfigMixin, mm.Block):
                      "short": (short_ids, layout.history, short_mask),
                      "negative": (ids, layout.negative, mask),
                      "short_negative": (short_ids, layout.negative, short_mask)}
-        for key, (source, names, key_mask) in sequences.items():
-            if key in wanted:
-                out[key] = _masked(self._lookup(source, names), key_mask)
+        lookups.update((key, value) for key, value in sequences.items() if key in wanted)
+        # Every lookup of a table announced at once (one catch-up per table when an optimizer
+        # defers rows: sim_merlin.blocks.table_reads).
+        reads = {}
+        for source, names, _ in lookups.values():
+            for name in names:
+                reads.setdefault(layout.column_domain[name], []).append(source[name])
+        for domain, read in sorted(reads.items()):
+            self.tables[domain].announce(read)
+        for key, (source, names, key_mask) in lookups.items():
+            embedded = self._lookup(source, names)
+            out[key] = embedded if key_mask is None else _masked(embedded, key_mask)
         index = layout.features.index(self.search_feature)
         if "target_search_key" in wanted:
             out["target_search_key"] = self._ids(inputs, layout.target[index])

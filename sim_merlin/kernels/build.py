@@ -1,5 +1,5 @@
 """Compile and load the fused kernels' shared library (``recurrent.cc``, ``sigmoid_mlp.cc``,
-``adam.cc``).
+``adam.cc``, ``deferred_adam.cc``).
 
 The library is built with the installed TensorFlow's compile and link flags and the host's
 instruction set (``-march=native``: it is built where it runs), into a cache directory keyed by
@@ -26,7 +26,11 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).parent
-SOURCES = (HERE / "recurrent.cc", HERE / "sigmoid_mlp.cc", HERE / "adam.cc")
+SOURCES = (HERE / "recurrent.cc", HERE / "sigmoid_mlp.cc", HERE / "adam.cc",
+           HERE / "deferred_adam.cc")
+# Per-source compiler flags. deferred_adam.cc must round as TensorFlow's ApplyAdam (no FMA; a
+# square root that may set errno is not vectorized).
+SOURCE_FLAGS = {"deferred_adam.cc": ("-ffp-contract=off", "-fno-math-errno")}
 HEADERS = (HERE / "products.h", HERE / "parallel.h", HERE / "rows.h")
 LIBRARY = "sim_merlin_kernels.so"
 DISABLE_VARIABLE = "SIM_MERLIN_FUSED_KERNELS"
@@ -86,6 +90,7 @@ def library_path() -> Path:
     cxx = str(compiler())
     for part in (*(f.read_bytes() for f in SOURCES + HEADERS), version.encode(),
                  " ".join(compile_flags + list(_arch_flags(cxx))).encode(),
+                 repr(sorted(SOURCE_FLAGS.items())).encode(),
                  " ".join(link_flags).encode(), cxx.encode(), _cpu_flags().encode()):
         key.update(part)
         key.update(b"\0")
@@ -108,19 +113,33 @@ def build(force: bool = False, quiet: bool = False) -> Path:
     handle, partial = tempfile.mkstemp(prefix=".kernels-", suffix=".so.partial",
                                        dir=target.parent)
     os.close(handle)
-    command = [cxx, "-O3", *_arch_flags(cxx), "-shared", "-fPIC", "-w", *compile_flags,
-               *(str(f) for f in SOURCES), "-o", partial, *link_flags]
+    common = [cxx, "-O3", *_arch_flags(cxx), "-fPIC", "-w", *compile_flags]
+    objects = [f"{partial}.{source.stem}.o" for source in SOURCES]
     if not quiet:
         print(f"sim-merlin: compiling the fused kernels ({', '.join(f.name for f in SOURCES)}, "
               "~30 s) ...", file=sys.stderr, flush=True)
     try:
-        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        # One compiler per source, side by side; then one link.
+        jobs = [subprocess.Popen([*common, *SOURCE_FLAGS.get(source.name, ()), "-c",
+                                  str(source), "-o", obj], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+                for source, obj in zip(SOURCES, objects)]
+        failures = []
+        for source, job in zip(SOURCES, jobs):
+            _, stderr = job.communicate()
+            if job.returncode != 0:
+                failures.append(f"{source.name}:\n{stderr[-4000:]}")
+        if failures:
+            raise KernelBuildError(f"{cxx} failed on {HERE}:\n" + "\n".join(failures))
+        result = subprocess.run([cxx, "-shared", "-fPIC", *objects, "-o", partial, *link_flags],
+                                capture_output=True, text=True, check=False)
         if result.returncode != 0:
-            raise KernelBuildError(f"{cxx} failed on {HERE}:\n{result.stderr[-4000:]}")
+            raise KernelBuildError(f"{cxx} failed to link {LIBRARY}:\n{result.stderr[-4000:]}")
         os.replace(partial, target)
     finally:
-        if os.path.exists(partial):
-            os.unlink(partial)
+        for path in (partial, *objects):
+            if os.path.exists(path):
+                os.unlink(path)
     return target
 
 

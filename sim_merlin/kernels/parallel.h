@@ -3,9 +3,13 @@
 // TensorFlow gives a kernel its intra-op thread pool. Training on a few cores is often fastest
 // with one intra-op thread (many small ops then run side by side on the inter-op threads), but a
 // fused kernel is one large op on the step's critical path: with `threads` > 1 and a one-thread
-// pool, it splits its work over that many threads of its own.
+// pool, it splits its work over that many threads of its own. Those threads get the caller's
+// floating-point control state (TensorFlow's threads flush denormals to zero; a new thread does
+// not), so every row is computed alike whichever thread takes it.
 
 #pragma once
+
+#include <xmmintrin.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -30,9 +34,15 @@ void ParallelFor(tensorflow::OpKernelContext* context, int64_t count, int64_t co
     return;
   }
   auto part = [&](int64_t k) { work(k * count / own, (k + 1) * count / own); };
+  const unsigned int control = _mm_getcsr();
   std::vector<std::thread> helpers;
   helpers.reserve(own - 1);
-  for (int64_t k = 1; k < own; ++k) helpers.emplace_back(part, k);
+  for (int64_t k = 1; k < own; ++k) {
+    helpers.emplace_back([&part, control, k] {
+      _mm_setcsr(control);
+      part(k);
+    });
+  }
   part(0);
   for (auto& helper : helpers) helper.join();
 }

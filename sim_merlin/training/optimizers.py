@@ -9,7 +9,11 @@ Here they are Keras optimizers with the same arithmetic:
   variable is updated by one fused kernel (``ResourceApplyAdam``: one pass over weights and
   moments); a sparse gradient is summed into a dense one by a single ``UnsortedSegmentSum``.
   Keras's Adam does the same arithmetic in about ten passes over the table plus a separate
-  de-duplication of the sparse rows, 5x slower with the Books-size item table.
+  de-duplication of the sparse rows, 5x slower with the Books-size item table. Driven by a
+  :class:`~sim_merlin.training.trainer.Trainer`, the tables whose reads are announced
+  (:mod:`sim_merlin.blocks.table_reads`) skip even that pass: :meth:`Adam.defer_untouched_rows`
+  makes a row's zero-gradient steps wait until it is read (:mod:`sim_merlin.kernels.adam`; the
+  same bits as the dense update), and :meth:`Adam.synchronize` brings every row up to date.
 - ``lazy_adam``: :class:`LazyAdam`, which updates only the rows a batch touched (moments and
   weights), like ``tfa.optimizers.LazyAdam``; dense variables get ordinary Adam. Much faster with
   large tables (one fused op, :mod:`sim_merlin.kernels.adam`); not the same arithmetic as Adam.
@@ -74,6 +78,18 @@ def _fused_lazy_update(optimizer, gradient, variable) -> bool:
     return True
 
 
+class _DeferredRows:
+    """The tables whose untouched rows wait: per table (by variable key) its int32 per-row step
+    counts. A plain object, so the optimizer does not track the counts: they are not
+    checkpointed (:meth:`Adam.synchronize` before saving; :meth:`Adam.mark_current` after
+    restoring)."""
+
+    def __init__(self):
+        self.steps = {}
+        self.tables = {}
+        self.learning_rate = None
+
+
 @tf.keras.utils.register_keras_serializable(package="sim_merlin")
 class Adam(_MergesOwnDuplicates, tf.keras.optimizers.Adam):
     """Keras Adam (same slots, same arithmetic) with one fused kernel per variable.
@@ -81,9 +97,101 @@ class Adam(_MergesOwnDuplicates, tf.keras.optimizers.Adam):
     ``m += (1 - beta_1) (g - m)``, ``v += (1 - beta_2) (g^2 - v)``,
     ``var -= lr sqrt(1 - beta_2^t) / (1 - beta_1^t) * m / (sqrt(v) + epsilon)`` for every row,
     with ``g`` = 0 on the rows a sparse gradient does not touch.
+
+    After :meth:`defer_untouched_rows`, those zero-gradient steps of an announced table wait
+    until its rows are read: whoever applies the updates must call :meth:`catch_up` before every
+    read (a :class:`~sim_merlin.training.trainer.Trainer` does, through
+    :func:`sim_merlin.blocks.table_reads.listening`), :meth:`mark_current` before the first
+    update and :meth:`synchronize` before reading or saving whole tables.
     """
 
+    def defer_untouched_rows(self, variables) -> list:
+        """Defer the zero-gradient steps of the ``variables`` that are float32 tables whose reads
+        are announced, where the fused kernels are available, the learning rate is a constant and
+        there is no weight decay; returns the deferred variables."""
+        from sim_merlin.blocks.table_reads import reads_announced
+
+        if (not fused_adam.available() or self.weight_decay
+                or isinstance(self._learning_rate,
+                              tf.keras.optimizers.schedules.LearningRateSchedule)):
+            return []
+        if not hasattr(self, "_deferred"):
+            self._deferred = _DeferredRows()
+        chosen = []
+        for variable in variables:
+            if not (variable.dtype == tf.float32 and variable.shape.rank == 2
+                    and variable.shape[0] is not None and reads_announced(variable)):
+                continue
+            key = self._var_key(variable)
+            if key not in self._deferred.steps:
+                with tf.init_scope():
+                    self._deferred.steps[key] = tf.Variable(
+                        tf.zeros([variable.shape[0]], tf.int32), trainable=False,
+                        name=f"{variable.name.split(':')[0]}/adam_steps")
+                self._deferred.tables[key] = variable
+            chosen.append(variable)
+        if chosen and self._deferred.learning_rate is None:
+            with tf.init_scope():
+                self._deferred.learning_rate = tf.Variable(
+                    tf.cast(self.learning_rate, tf.float32), trainable=False,
+                    name="deferred_learning_rate")
+        return chosen
+
+    def _steps(self, variable):
+        deferred = getattr(self, "_deferred", None)
+        return None if deferred is None else deferred.steps.get(self._var_key(variable))
+
+    def _slots(self, variable):
+        key = self._var_key(variable)
+        return (_unwrapped(variable), self._momentums[self._index_dict[key]],
+                self._velocities[self._index_dict[key]])
+
+    def catch_up(self, variable, ids) -> None:
+        """Bring the rows ``ids`` of ``variable`` up to the current step (no-op for a variable
+        that is not deferred)."""
+        steps = self._steps(variable)
+        if steps is not None:  # the rate of the pending steps (a change is refused: update_step)
+            fused_adam.catch_up(*self._slots(variable), steps, ids, self._deferred.learning_rate,
+                                self.beta_1, self.beta_2, self.epsilon, self.iterations)
+
+    def mark_current(self) -> None:
+        """Declare every row of the deferred tables up to date (after :meth:`synchronize`, or
+        when the tables and moments were set from outside, e.g. restored from a checkpoint)."""
+        deferred = getattr(self, "_deferred", None)
+        if deferred is None:
+            return
+        for steps in deferred.steps.values():
+            steps.assign(tf.fill(tf.shape(steps), tf.cast(self.iterations, tf.int32)))
+        if deferred.learning_rate is not None:
+            deferred.learning_rate.assign(tf.cast(self.learning_rate, tf.float32))
+
+    def synchronize(self) -> None:
+        """Bring every row of the deferred tables up to the current step: afterwards the tables
+        and moments are those of dense Adam."""
+        deferred = getattr(self, "_deferred", None)
+        if deferred is None:
+            return
+        for key, variable in deferred.tables.items():
+            steps = deferred.steps[key]
+            fused_adam.catch_up(*self._slots(variable), steps,
+                                tf.range(tf.shape(steps)[0]), deferred.learning_rate,
+                                self.beta_1, self.beta_2, self.epsilon, self.iterations)
+
+    def _deferred_update(self, gradient, variable, steps) -> None:
+        learning_rate = tf.cast(self.learning_rate, tf.float32)
+        tf.debugging.assert_equal(
+            learning_rate, self._deferred.learning_rate,
+            message="the learning rate changed while some embedding rows had Adam steps "
+                    "pending; call synchronize() (Trainer.synchronize()) before changing it")
+        if not isinstance(gradient, tf.IndexedSlices):  # e.g. sparse_as_dense: every row
+            gradient = tf.IndexedSlices(gradient, tf.range(tf.shape(gradient)[0]))
+        fused_adam.deferred_update(*self._slots(variable), steps, gradient, learning_rate,
+                                   self.beta_1, self.beta_2, self.epsilon, self.iterations + 1)
+
     def update_step(self, gradient, variable):
+        steps = self._steps(variable)
+        if steps is not None:
+            return self._deferred_update(gradient, variable, steps)
         dtype = variable.dtype
         if isinstance(gradient, tf.IndexedSlices):
             indices = gradient.indices

@@ -14,6 +14,12 @@ what is saved and exported.
   backward pass needs its input values at compile time, so XLA recompiles for every batch.
 - Horovod: gradients are averaged over workers; embedding gradients stay sparse
   (``IndexedSlices``, exchanged by allgather) unless ``sparse_as_dense``.
+- Deferred Adam rows: with :class:`sim_merlin.training.optimizers.Adam` the embedding tables'
+  untouched rows get their (zero-gradient) Adam steps when they are next read, not every step
+  (dense Adam's values, without a pass over every table per step). The training step brings the
+  rows it reads up to date first; :meth:`Trainer.synchronize` brings all rows, and
+  :meth:`Trainer.predict_step` / :meth:`Trainer.predict_logits` call it. Call it yourself before
+  reading, saving or exporting the model's weights after :meth:`Trainer.train_step`.
 
 Example::
 
@@ -37,10 +43,13 @@ Example::
 """
 from __future__ import annotations
 
+import contextlib
+
 import sim_merlin.tf_compat  # noqa: F401
 import numpy as np
 import tensorflow as tf
 
+from sim_merlin.blocks.table_reads import listening
 from sim_merlin.kernels.model_ops import plain_ops
 
 
@@ -90,10 +99,13 @@ class Trainer:
             # Process-wide, as the reference's --xla: every later tf.function is auto-clustered.
             tf.config.optimizer.set_jit("autoclustering")
         self._gradients = tf.function(self._compute_gradients)
-        self.train_step = tf.function(self._train_step)
+        self._compiled_train_step = tf.function(self._train_step)
         # XLA compiles the prediction step whole, and cannot compile the fused (custom) kernels.
-        self.predict_step = tf.function(self._predict_step_plain if self.xla else self._predict_step,
-                                        jit_compile=self.xla or None)
+        self._compiled_predict_step = tf.function(
+            self._predict_step_plain if self.xla else self._predict_step,
+            jit_compile=self.xla or None)
+        self.deferred_tables = []  # tables whose untouched rows' Adam steps wait (see build)
+        self._rows_pending = False
 
     @property
     def _horovod(self) -> bool:
@@ -105,16 +117,44 @@ class Trainer:
         labels = tf.zeros([tf.shape(next(iter(features.values())))[0]])
         self.block.loss_terms(features, labels, training=False)  # the auxiliary tower too
         self.optimizer.build(self.model.trainable_variables)
+        adam = getattr(self.optimizer, "inner_optimizer", self.optimizer)
+        if hasattr(adam, "defer_untouched_rows") and not self.sparse_as_dense:
+            self.deferred_tables = adam.defer_untouched_rows(self.model.trainable_variables)
+
+    def _catch_up(self, variable, ids):
+        getattr(self.optimizer, "inner_optimizer", self.optimizer).catch_up(variable, ids)
+
+    def train_step(self, features, labels) -> dict:
+        """One optimizer step on a batch; the losses (float32 scalars)."""
+        if self.deferred_tables and not self._rows_pending:
+            # Every row is up to date (or was just restored): count from the current step.
+            getattr(self.optimizer, "inner_optimizer", self.optimizer).mark_current()
+            self._rows_pending = True
+        return self._compiled_train_step(features, labels)
+
+    def synchronize(self) -> None:
+        """Bring every row of the deferred tables up to date (a no-op when none waits)."""
+        if self._rows_pending:
+            getattr(self.optimizer, "inner_optimizer", self.optimizer).synchronize()
+            self._rows_pending = False
+
+    def predict_step(self, features):
+        """Logits (float32 [B]) of a batch of features, from up-to-date weights."""
+        self.synchronize()
+        return self._compiled_predict_step(features)
 
     def broadcast(self) -> None:
         """Copy rank 0's model and optimizer variables to every worker."""
+        self.synchronize()
         if self._horovod:
             self.distributed.broadcast_variables(self.model.variables + self.optimizer.variables)
 
     def _compute_gradients(self, features, labels):
         labels = tf.reshape(tf.cast(labels, tf.float32), [-1])
         variables = self.model.trainable_variables
-        with tf.GradientTape() as tape:
+        # The lookups of deferred tables bring their rows up to date first.
+        reads = listening(self._catch_up) if self.deferred_tables else contextlib.nullcontext()
+        with tf.GradientTape() as tape, reads:
             terms = self.block.loss_terms(features, labels, training=True)
             total = terms["classification_loss"] + terms["auxiliary_loss"]
             scaled = self.optimizer.get_scaled_loss(total) if self.loss_scaling else total

@@ -12,7 +12,8 @@ from sim_merlin.models.dien import DIENModel
 from sim_merlin.models.din import DINModel
 from sim_merlin.models.sim import SIMModel
 from sim_merlin.schema import sample_schema
-from sim_merlin.training.optimizers import build_optimizer
+from sim_merlin.kernels import adam as fused_adam
+from sim_merlin.training.optimizers import Adam, build_optimizer
 from sim_merlin.training.trainer import (Trainer, binary_cross_entropy, precision_policy,
                                          row_blocks)
 
@@ -109,6 +110,7 @@ def train_fixed_batch(kind, schema, batch):
     for step in range(STEPS):
         losses.append(trainer.train_step(features, labels))
         if step == 0:
+            trainer.synchronize()  # every deferred Adam row up to date before reading
             after_first = [v.numpy() for v in model.trainable_variables]
         if step == 2:
             after_three = trainer.predict_step(features).numpy()
@@ -287,6 +289,7 @@ def test_sparse_as_dense_densifies_the_embedding_gradients(schema):
         model.set_weights(initial)
         for features, labels in batches:
             trainer.train_step(features, labels)
+        trainer.synchronize()  # deferred Adam rows (adam): every row up to date
         return model.get_weights()
 
     adam = train("adam", False)
@@ -295,6 +298,108 @@ def test_sparse_as_dense_densifies_the_embedding_gradients(schema):
     for a, b in zip(adam, dense_lazy):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     assert any(not np.allclose(a, b, rtol=1e-4) for a, b in zip(adam, lazy))
+
+
+# ---------------------------------------------------------------- deferred Adam rows
+
+needs_kernels = pytest.mark.skipif(not fused_adam.available(), reason="fused kernels not built")
+
+
+def train_on_batches(kind, schema, batches, defer, monkeypatch, policy="float32"):
+    """Train ``kind`` from seed 5 on ``batches`` with Adam, its tables' untouched rows deferred
+    or not; the losses, then every model and optimizer variable after synchronize()."""
+    with monkeypatch.context() as patch:
+        if not defer:
+            patch.setattr(Adam, "defer_untouched_rows", lambda self, variables: [])
+        tf.keras.mixed_precision.set_global_policy(policy)
+        try:
+            tf.keras.utils.set_random_seed(5)
+            trainer = Trainer(MODELS[kind](schema), build_optimizer("adam", LR))
+            trainer.build(batches[0][0])
+        finally:
+            tf.keras.mixed_precision.set_global_policy("float32")
+        losses = [floats(trainer.train_step(*b)) for b in batches]
+        trainer.synchronize()
+    state = [v.numpy() for v in trainer.model.variables + trainer.optimizer.variables]
+    return trainer, losses, state
+
+
+@needs_kernels
+@pytest.mark.parametrize("kind, policy", [("sim", "float32"), ("din", "float32"),
+                                          ("dien", "float32"), ("sim", "mixed_bfloat16")])
+def test_deferred_adam_rows_train_the_bits_of_dense_adam(kind, policy, schema, monkeypatch):
+    # Batches of different rows, so that most rows go untouched for some steps.
+    batches = [make_batch(seed, size=8) for seed in range(10)]
+    trainer, losses, state = train_on_batches(kind, schema, batches, True, monkeypatch, policy)
+    tables = {v.name.split("/")[-2] for v in trainer.deferred_tables}
+    assert tables == {"item_id_embeddings", "category_id_embeddings", "user_id_embeddings"}
+    _, dense_losses, dense_state = train_on_batches(kind, schema, batches, False, monkeypatch,
+                                                    policy)
+    assert losses == dense_losses  # every step read up-to-date rows
+    assert len(state) == len(dense_state)
+    for mine, theirs in zip(state, dense_state):
+        np.testing.assert_array_equal(mine, theirs)
+
+
+@needs_kernels
+def test_deferred_rows_wait_until_read_and_predict_step_synchronizes(schema, batch,
+                                                                     monkeypatch):
+    batches = [make_batch(seed, size=8) for seed in range(4)]
+    trainer, _, _ = train_on_batches("din", schema, batches, True, monkeypatch)
+    _, _, dense_state = train_on_batches("din", schema, batches, False, monkeypatch)
+    item_table = next(v for v in trainer.model.variables if "item_id_embeddings" in v.name)
+    position = [v.name for v in trainer.model.variables].index(item_table.name)
+    synchronized = item_table.numpy()
+    np.testing.assert_array_equal(synchronized, dense_state[position])
+    # One more step: rows it did not touch wait (stale) until predict_step brings them.
+    features, labels = make_batch(99, size=2)
+    trainer.train_step(features, labels)
+    stale = item_table.numpy()
+    trainer.predict_step(features)
+    current = item_table.numpy()
+    assert not np.array_equal(stale, current)
+    read = np.unique(np.concatenate([np.ravel(features["item_id"]),
+                                     np.ravel(features["item_id_history"])]))
+    np.testing.assert_array_equal(stale[read], current[read])  # the batch's rows were current
+
+
+@needs_kernels
+def test_changing_the_learning_rate_while_rows_wait_is_refused(schema, monkeypatch):
+    batches = [make_batch(seed, size=8) for seed in range(2)]
+    trainer, _, _ = train_on_batches("din", schema, batches, True, monkeypatch)
+    trainer.train_step(*batches[0])
+    trainer.optimizer.learning_rate.assign(LR / 2)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="learning rate changed"):
+        trainer.train_step(*batches[1])
+    trainer.optimizer.learning_rate.assign(LR)
+    trainer.synchronize()
+    trainer.optimizer.learning_rate.assign(LR / 2)  # allowed once every row is up to date
+    assert np.isfinite(trainer.train_step(*batches[1])["total_loss"].numpy())
+
+
+@needs_kernels
+def test_training_resumed_from_a_checkpoint_continues_dense_adam(schema, monkeypatch,
+                                                                 tmp_path):
+    """The per-row step counts are not checkpointed: after a restore they count from the
+    restored step (a stale count would replay steps)."""
+    batches = [make_batch(seed, size=8) for seed in range(8)]
+    _, _, uninterrupted = train_on_batches("sim", schema, batches, True, monkeypatch)
+    first, _, _ = train_on_batches("sim", schema, batches[:4], True, monkeypatch)
+    prefix = tf.train.Checkpoint(model=first.model, optimizer=first.optimizer).save(
+        str(tmp_path / "ckpt"))
+    tf.keras.utils.set_random_seed(5)
+    resumed = Trainer(MODELS["sim"](schema), build_optimizer("adam", LR))
+    resumed.build(batches[0][0])
+    resumed.train_step(*batches[0])  # step counts now 1: the restore must replace them
+    resumed.synchronize()
+    tf.train.Checkpoint(model=resumed.model, optimizer=resumed.optimizer).restore(prefix)
+    assert int(resumed.optimizer.iterations.numpy()) == 4
+    for b in batches[4:]:
+        resumed.train_step(*b)
+    resumed.synchronize()
+    state = [v.numpy() for v in resumed.model.variables + resumed.optimizer.variables]
+    for mine, theirs in zip(state, uninterrupted):
+        np.testing.assert_array_equal(mine, theirs)
 
 
 def test_trainer_rejects_a_model_without_loss_terms():

@@ -1,0 +1,441 @@
+// Dense Adam on an embedding table, with the steps of the rows a batch did not touch deferred
+// until the row is read (sim_merlin.kernels).
+//
+// Dense Adam (the reference's; TensorFlow's ResourceApplyAdam) updates every row of a table at
+// every step t. A row the batch did not touch has g = 0, yet its moments decay and its weights
+// move:
+//   m += (0 - m)(1 - beta1);  v += (0 * 0 - v)(1 - beta2);
+//   var -= (m alpha_t) / (sqrt(v) + epsilon)
+// with alpha_t = lr sqrt(1 - beta2^t) / (1 - beta1^t). Those steps depend on nothing but the row
+// and alpha_t, so they can wait until the row is read. `steps[row]` counts the Adam steps applied
+// to the row so far:
+// - SimMerlinAdamCatchUp brings the given rows (repeats allowed) to `step` steps;
+// - SimMerlinDeferredAdam applies step t to the batch's rows (repeated rows summed in the order
+//   they come, as UnsortedSegmentSum does), after bringing each to t - 1.
+// Each element goes through the same float operations in the same order as in TensorFlow's
+// kernel, which is compiled without FMA; build.py compiles this file with -ffp-contract=off (a
+// fused multiply-add would round differently), so the weights are the same bits as dense Adam's.
+// A row stops moving once its m is zero (flushed to zero after some hundreds of steps, as
+// TensorFlow's threads flush denormals); then only v decays, which is cheap.
+
+#define EIGEN_USE_THREADS
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <mutex>
+#include <set>
+#include <vector>
+
+#include <sys/mman.h>
+#ifndef MADV_COLLAPSE
+#define MADV_COLLAPSE 25  // Linux >= 6.1; older kernels reject it (EINVAL), harmlessly
+#endif
+
+#include "tensorflow/core/framework/op.h"
+#include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/resource_var.h"
+#include "tensorflow/core/framework/shape_inference.h"
+#include "tensorflow/core/kernels/training_op_helpers.h"
+#include "parallel.h"
+
+namespace {
+
+using tensorflow::OpKernel;
+using tensorflow::OpKernelConstruction;
+using tensorflow::OpKernelContext;
+using tensorflow::Tensor;
+using CPUDevice = Eigen::ThreadPoolDevice;
+
+tensorflow::Status NoOutputs(tensorflow::shape_inference::InferenceContext*) {
+  return tensorflow::Status();
+}
+
+REGISTER_OP("SimMerlinAdamCatchUp")
+    .Input("var: resource")
+    .Input("m: resource")
+    .Input("v: resource")
+    .Input("steps: resource")   // int32 [rows]: Adam steps applied to each row
+    .Input("indices: N * Tindices")  // rows to bring to `step`: any shapes, repeats allowed
+    .Input("lr: float")
+    .Input("beta1: float")
+    .Input("beta2: float")
+    .Input("epsilon: float")
+    .Input("step: int64")        // steps the rows must have after the op
+    .Attr("N: int >= 1")
+    .Attr("Tindices: {int32, int64}")
+    .Attr("threads: int = 0")
+    .SetShapeFn(NoOutputs);
+
+REGISTER_OP("SimMerlinDeferredAdam")
+    .Input("var: resource")
+    .Input("m: resource")
+    .Input("v: resource")
+    .Input("steps: resource")
+    .Input("indices: Tindices")  // [N] rows of var, repeats allowed
+    .Input("values: float")      // [N, D] gradient rows
+    .Input("lr: float")
+    .Input("beta1: float")
+    .Input("beta2: float")
+    .Input("epsilon: float")
+    .Input("step: int64")        // t, counted from 1: the step being applied
+    .Attr("Tindices: {int32, int64}")
+    .Attr("threads: int = 0")
+    .SetShapeFn(NoOutputs);
+
+struct Hyper {
+  float lr, beta1, beta2, epsilon;
+  bool operator==(const Hyper& o) const {
+    return std::memcmp(this, &o, sizeof(Hyper)) == 0;
+  }
+};
+
+// alpha_t for t = 0 .. as far as asked, computed once per op instance (alpha_0 is unused).
+class Alphas {
+ public:
+  // The table up to `last` for these hyperparameters (recomputed when they change).
+  const float* Upto(const Hyper& hyper, int64_t last) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (!(hyper == hyper_)) {
+      hyper_ = hyper;
+      values_.assign(1, 0.0f);
+    }
+    for (int64_t t = static_cast<int64_t>(values_.size()); t <= last; ++t) {
+      // As TensorFlow: beta powers by pow() in float, then ApplyAdam's
+      // lr * sqrt(1 - beta2_power) / (1 - beta1_power).
+      const float step = static_cast<float>(t);
+      const float beta1_power = std::pow(hyper.beta1, step);
+      const float beta2_power = std::pow(hyper.beta2, step);
+      values_.push_back(hyper.lr * std::sqrt(1.0f - beta2_power) / (1.0f - beta1_power));
+    }
+    return values_.data();
+  }
+
+ private:
+  std::mutex mutex_;
+  Hyper hyper_{-1.0f, -1.0f, -1.0f, -1.0f};
+  std::vector<float> values_;
+};
+
+// One row of `width` floats through steps first .. last with g = 0.
+inline void ZeroGradientSteps(float* __restrict w, float* __restrict m, float* __restrict v,
+                              int64_t width, int64_t first, int64_t last, const float* alphas,
+                              float one_minus_beta1, float one_minus_beta2, float epsilon) {
+  int64_t t = first;
+  for (; t <= last; ++t) {
+    bool moving = false;
+    for (int64_t j = 0; j < width; ++j) moving |= (m[j] != 0.0f);
+    if (!moving) break;
+    const float alpha = alphas[t];
+    for (int64_t j = 0; j < width; ++j) {
+      m[j] += (0.0f - m[j]) * one_minus_beta1;
+      v[j] += (0.0f * 0.0f - v[j]) * one_minus_beta2;
+      w[j] -= (m[j] * alpha) / (std::sqrt(v[j]) + epsilon);
+    }
+  }
+  // m is zero: the weights stay (0 * alpha / (sqrt(v) + epsilon) is 0) and only v decays.
+  for (; t <= last; ++t) {
+    bool decaying = false;
+    for (int64_t j = 0; j < width; ++j) {
+      v[j] += (0.0f * 0.0f - v[j]) * one_minus_beta2;
+      decaying |= (v[j] != 0.0f);
+    }
+    if (!decaying) break;
+  }
+}
+
+// Asks Linux to back [data, data + bytes) with 2 MB pages, once per buffer. Rows are read and
+// written at random over tables far larger than the caches: with 4 kB pages nearly every row is
+// also a TLB miss. Best effort: nothing changes where transparent huge pages are unavailable.
+class HugePages {
+ public:
+  void Advise(const void* data, int64_t bytes) {
+    constexpr uintptr_t kPage = uintptr_t{1} << 21;
+    const uintptr_t first = (reinterpret_cast<uintptr_t>(data) + kPage - 1) & ~(kPage - 1);
+    const uintptr_t last = (reinterpret_cast<uintptr_t>(data) + bytes) & ~(kPage - 1);
+    if (last <= first) return;
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (!seen_.insert(data).second) return;
+    void* start = reinterpret_cast<void*>(first);
+    madvise(start, last - first, MADV_HUGEPAGE);
+    madvise(start, last - first, MADV_COLLAPSE);  // now, not when khugepaged gets to it
+  }
+
+ private:
+  std::mutex mutex_;
+  std::set<const void*> seen_;
+};
+
+struct Table {
+  Tensor var, m, v, steps;
+  int64_t rows = 0, width = 0;
+};
+
+// The work is split by rows: part k of `parts` owns the rows with row % parts == k (ids are
+// often sorted by popularity, so ranges would not balance) and reads all the indices, so no two
+// threads touch a row and each row's repeats are summed in the order they come.
+struct RowPart {
+  int64_t part, parts;
+  bool Has(int64_t row) const { return row % parts == part; }
+};
+
+class AdamKernel : public OpKernel {
+ public:
+  explicit AdamKernel(OpKernelConstruction* context) : OpKernel(context) {
+    OP_REQUIRES_OK(context, context->GetAttr("threads", &threads_));
+  }
+
+ protected:
+  // Locks (by the caller) and reads the four variables (inputs 0-3); false after an error.
+  bool Variables(OpKernelContext* context, Table* table) {
+    for (int i = 0; i < 3; ++i) {
+      Tensor* target = i == 0 ? &table->var : i == 1 ? &table->m : &table->v;
+      auto status = tensorflow::GetInputTensorFromVariable<CPUDevice, float>(
+          context, i, /*lock_held=*/true, /*sparse=*/false, target);
+      if (!status.ok()) {
+        context->SetStatus(status);
+        return false;
+      }
+    }
+    auto status = tensorflow::GetInputTensorFromVariable<CPUDevice, int32_t>(
+        context, 3, true, false, &table->steps);
+    if (!status.ok()) {
+      context->SetStatus(status);
+      return false;
+    }
+    const Tensor& var = table->var;
+    if (var.dims() != 2 || table->m.shape() != var.shape() || table->v.shape() != var.shape() ||
+        table->steps.dims() != 1 || table->steps.dim_size(0) != var.dim_size(0)) {
+      context->SetStatus(tensorflow::errors::InvalidArgument(
+          "var, m and v must be matrices of one shape [rows, width] and steps a vector [rows], "
+          "got ", var.shape().DebugString(), ", ", table->m.shape().DebugString(), ", ",
+          table->v.shape().DebugString(), ", ", table->steps.shape().DebugString()));
+      return false;
+    }
+    table->rows = var.dim_size(0);
+    table->width = var.dim_size(1);
+    for (const Tensor* t : {&table->var, &table->m, &table->v, &table->steps})
+      huge_pages_.Advise(t->tensor_data().data(), t->TotalBytes());
+    return true;
+  }
+
+  Hyper Hyperparameters(OpKernelContext* context, int first) {
+    return Hyper{context->input(first).scalar<float>()(),
+                 context->input(first + 1).scalar<float>()(),
+                 context->input(first + 2).scalar<float>()(),
+                 context->input(first + 3).scalar<float>()()};
+  }
+
+  // Checks every index; false after setting an error.
+  template <typename Index>
+  static bool InTable(OpKernelContext* context, const Index* index, int64_t n, int64_t rows) {
+    for (int64_t i = 0; i < n; ++i) {
+      if (index[i] < 0 || index[i] >= rows) {
+        context->SetStatus(tensorflow::errors::InvalidArgument(
+            "index ", i, " is ", static_cast<int64_t>(index[i]), ", outside the table's ",
+            rows, " rows"));
+        return false;
+      }
+    }
+    return true;
+  }
+
+  // Runs work(part) over disjoint parts of the table's rows, in parallel.
+  template <typename Work>
+  void ForEachRowRange(OpKernelContext* context, int64_t rows, int64_t n, Work work) {
+    const int64_t parts = std::max<int64_t>(
+        1, std::min<int64_t>({std::max(threads_, context->device()
+                                                     ->tensorflow_cpu_worker_threads()
+                                                     ->num_threads),
+                              16, rows}));
+    sim_merlin::ParallelFor(context, parts, 1000 + n * 50, threads_,
+                            [&](int64_t first, int64_t last) {
+                              for (int64_t k = first; k < last; ++k) work(RowPart{k, parts});
+                            });
+  }
+
+  // Rows are scattered over tables far larger than the caches: ask for what the loops below
+  // will read a few iterations ahead.
+  static constexpr int64_t kAhead = 16;
+  static void PrefetchRow(int64_t row, int64_t width, const float* w, const float* m,
+                          const float* v) {
+    for (int64_t j = 0; j < width; j += 16) {
+      __builtin_prefetch(w + row * width + j, 1);
+      __builtin_prefetch(m + row * width + j, 1);
+      __builtin_prefetch(v + row * width + j, 1);
+    }
+  }
+
+  static tensorflow::Status Ahead(int64_t row, int64_t steps, int64_t step) {
+    return tensorflow::errors::FailedPrecondition("row ", row, " has had ", steps,
+                                                  " Adam steps, more than ", step);
+  }
+
+  int threads_ = 0;
+  Alphas alphas_;
+  HugePages huge_pages_;
+};
+
+template <typename Index>
+class CatchUpOp : public AdamKernel {
+ public:
+  using AdamKernel::AdamKernel;
+
+  void Compute(OpKernelContext* context) override {
+    auto locks = tensorflow::MaybeLockVariableInputMutexesInOrder<CPUDevice, float>(
+        context, /*do_lock=*/true, /*sparse=*/false, {0, 1, 2, 3});
+    Table table;
+    if (!Variables(context, &table)) return;
+    tensorflow::OpInputList lists;
+    OP_REQUIRES_OK(context, context->input_list("indices", &lists));
+    const int first_scalar = 4 + lists.size();
+    const Hyper hyper = Hyperparameters(context, first_scalar);
+    const int64_t step = context->input(first_scalar + 4).scalar<int64_t>()();
+    OP_REQUIRES(context, 0 <= step && step < (int64_t{1} << 31),
+                tensorflow::errors::InvalidArgument("step must be in 0 .. 2^31 - 1, got ", step));
+    const int64_t width = table.width;
+    int64_t n = 0;
+    for (int l = 0; l < lists.size(); ++l) {
+      const Index* index = lists[l].flat<Index>().data();
+      if (!InTable(context, index, lists[l].NumElements(), table.rows)) return;
+      n += lists[l].NumElements();
+    }
+    const float* alphas = alphas_.Upto(hyper, step);
+    int32_t* steps = table.steps.flat<int32_t>().data();
+    float* w = table.var.flat<float>().data();
+    float* mm = table.m.flat<float>().data();
+    float* vv = table.v.flat<float>().data();
+    const float c1 = 1.0f - hyper.beta1, c2 = 1.0f - hyper.beta2;
+    std::atomic<int64_t> ahead{-1};
+    ForEachRowRange(context, table.rows, n, [&](RowPart part) {
+      // The part's rows that are behind, each once (its count is set as it is listed).
+      std::vector<int64_t> rows, from;
+      for (int l = 0; l < lists.size(); ++l) {
+        const Index* index = lists[l].flat<Index>().data();
+        const int64_t count = lists[l].NumElements();
+        for (int64_t i = 0; i < count; ++i) {
+          if (i + kAhead < count) __builtin_prefetch(steps + index[i + kAhead]);
+          const int64_t row = static_cast<int64_t>(index[i]);
+          if (!part.Has(row) || steps[row] == step) continue;
+          if (steps[row] > step) {
+            ahead = row;
+            continue;
+          }
+          rows.push_back(row);
+          from.push_back(steps[row]);
+          steps[row] = static_cast<int32_t>(step);
+        }
+      }
+      const int64_t count = static_cast<int64_t>(rows.size());
+      for (int64_t k = 0; k < count; ++k) {
+        if (k + kAhead < count) PrefetchRow(rows[k + kAhead], width, w, mm, vv);
+        const int64_t offset = rows[k] * width;
+        ZeroGradientSteps(w + offset, mm + offset, vv + offset, width, from[k] + 1, step,
+                          alphas, c1, c2, hyper.epsilon);
+      }
+    });
+    OP_REQUIRES(context, ahead < 0, Ahead(ahead, steps[ahead], step));
+  }
+};
+
+template <typename Index>
+class DeferredAdamOp : public AdamKernel {
+ public:
+  using AdamKernel::AdamKernel;
+
+  void Compute(OpKernelContext* context) override {
+    auto locks = tensorflow::MaybeLockVariableInputMutexesInOrder<CPUDevice, float>(
+        context, true, false, {0, 1, 2, 3});
+    Table table;
+    if (!Variables(context, &table)) return;
+    const Tensor& indices = context->input(4);
+    const Tensor& values = context->input(5);
+    const int64_t n = indices.NumElements(), width = table.width;
+    OP_REQUIRES(context, indices.dims() == 1 && values.dims() == 2 &&
+                             values.dim_size(0) == n && values.dim_size(1) == width,
+                tensorflow::errors::InvalidArgument(
+                    "indices must be [N] and values [N, ", width, "], got ",
+                    indices.shape().DebugString(), " and ", values.shape().DebugString()));
+    const Hyper hyper = Hyperparameters(context, 6);
+    const int64_t step = context->input(10).scalar<int64_t>()();
+    OP_REQUIRES(context, 1 <= step && step < (int64_t{1} << 31),
+                tensorflow::errors::InvalidArgument("step must be in 1 .. 2^31 - 1, got ", step));
+    const Index* index = indices.flat<Index>().data();
+    if (!InTable(context, index, n, table.rows)) return;
+    const float* g = values.flat<float>().data();
+    const float* alphas = alphas_.Upto(hyper, step);
+    int32_t* steps = table.steps.flat<int32_t>().data();
+    float* w = table.var.flat<float>().data();
+    float* mm = table.m.flat<float>().data();
+    float* vv = table.v.flat<float>().data();
+    const float c1 = 1.0f - hyper.beta1, c2 = 1.0f - hyper.beta2, epsilon = hyper.epsilon;
+    const float alpha = alphas[step];
+    // slot[row]: the row's place in its part's sums while the op runs, -1 otherwise (kept
+    // between calls: only the listed rows are reset).
+    std::lock_guard<std::mutex> lock(slot_mutex_);
+    if (static_cast<int64_t>(slot_.size()) != table.rows) slot_.assign(table.rows, -1);
+    int32_t* slot = slot_.data();
+    std::atomic<int64_t> ahead{-1};
+    ForEachRowRange(context, table.rows, n, [&](RowPart part) {
+      std::vector<int64_t> rows;
+      std::vector<float> sums;
+      rows.reserve(std::min(n, table.rows) / part.parts + 1);
+      sums.reserve((std::min(n, table.rows) / part.parts + 1) * width);
+      for (int64_t i = 0; i < n; ++i) {
+        if (i + kAhead < n) __builtin_prefetch(slot + index[i + kAhead]);
+        const int64_t row = static_cast<int64_t>(index[i]);
+        if (!part.Has(row)) continue;
+        const float* gi = g + i * width;
+        int32_t s = slot[row];
+        if (s >= 0) {
+          float* target = sums.data() + static_cast<int64_t>(s) * width;
+          for (int64_t j = 0; j < width; ++j) target[j] += gi[j];
+          continue;
+        }
+        if (steps[row] >= step) ahead = row;
+        slot[row] = static_cast<int32_t>(rows.size());
+        rows.push_back(row);
+        sums.insert(sums.end(), gi, gi + width);
+      }
+      const int64_t count = static_cast<int64_t>(rows.size());
+      for (int64_t k = 0; k < count; ++k) {
+        if (k + kAhead < count) PrefetchRow(rows[k + kAhead], width, w, mm, vv);
+        const int64_t row = rows[k];
+        slot[row] = -1;
+        if (steps[row] >= step) continue;
+        const int64_t offset = row * width;
+        float* __restrict wr = w + offset;
+        float* __restrict mr = mm + offset;
+        float* __restrict vr = vv + offset;
+        ZeroGradientSteps(wr, mr, vr, width, steps[row] + 1, step - 1, alphas, c1, c2, epsilon);
+        const float* __restrict grad = sums.data() + k * width;
+        for (int64_t j = 0; j < width; ++j) {
+          mr[j] += (grad[j] - mr[j]) * c1;
+          vr[j] += (grad[j] * grad[j] - vr[j]) * c2;
+          wr[j] -= (mr[j] * alpha) / (std::sqrt(vr[j]) + epsilon);
+        }
+        steps[row] = static_cast<int32_t>(step);
+      }
+    });
+    OP_REQUIRES(context, ahead < 0, Ahead(ahead, steps[ahead], step - 1));
+  }
+
+ private:
+  std::mutex slot_mutex_;
+  std::vector<int32_t> slot_;
+};
+
+#define REGISTER(name, kernel)                                                          \
+  REGISTER_KERNEL_BUILDER(                                                              \
+      Name(name).Device(tensorflow::DEVICE_CPU).TypeConstraint<int32_t>("Tindices"),   \
+      kernel<int32_t>);                                                                 \
+  REGISTER_KERNEL_BUILDER(                                                              \
+      Name(name).Device(tensorflow::DEVICE_CPU).TypeConstraint<int64_t>("Tindices"),   \
+      kernel<int64_t>);
+
+REGISTER("SimMerlinAdamCatchUp", CatchUpOp)
+REGISTER("SimMerlinDeferredAdam", DeferredAdamOp)
+
+}  // namespace
