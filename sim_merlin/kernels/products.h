@@ -92,6 +92,15 @@ inline __mmask16 TailMask(int64_t count) {
 }
 #endif
 
+// Makes `buffer` hold at least `size` elements without clearing them: the packing below writes
+// every element it uses, padding included (clearing whole buffers on every product had cost a
+// tenth of the recurrent kernels' time).
+template <typename Element>
+inline Element* Scratch(std::vector<Element>* buffer, int64_t size) {
+  if (static_cast<int64_t>(buffer->size()) < size) buffer->resize(size);
+  return buffer->data();
+}
+
 // B [K, N] as bfloat16 pairs: data[((k / 2) * padded_cols + j) * 2 + k % 2], zero padded to an
 // even K and to N rounded up to 16 columns (one 512-bit register of float32 sums), or to whole
 // AMX tiles.
@@ -105,10 +114,15 @@ inline void Pack(const View& b, PackedB* out) {
   out->pairs = RoundUp(pairs, PairMultiple());
   out->cols = b.cols;
   out->padded_cols = RoundUp(b.cols, ColumnMultiple());
-  out->data.assign(out->pairs * out->padded_cols * 2, 0);
-  uint16_t* target = out->data.data();
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
   if (b.col_stride == 1) {
+    uint16_t* target = Scratch(&out->data, out->pairs * out->padded_cols * 2);
+    const int64_t written = RoundUp(b.cols, 16);  // columns the loop below stores
+    for (int64_t p = 0; p < out->pairs; ++p) {  // the padding: columns, then whole pairs
+      const int64_t from = p < pairs ? written : 0;
+      std::fill(target + (p * out->padded_cols + from) * 2,
+                target + (p + 1) * out->padded_cols * 2, uint16_t{0});
+    }
     for (int64_t p = 0; p < pairs; ++p) {
       const float* even = b.data + (2 * p) * b.row_stride;
       const bool has_odd = 2 * p + 1 < b.rows;
@@ -130,6 +144,8 @@ inline void Pack(const View& b, PackedB* out) {
     return;
   }
 #endif
+  out->data.assign(out->pairs * out->padded_cols * 2, 0);
+  uint16_t* target = out->data.data();
   for (int64_t k = 0; k < b.rows; ++k) {
     for (int64_t j = 0; j < b.cols; ++j) {
       target[((k / 2) * out->padded_cols + j) * 2 + k % 2] = ToBf16(b(k, j));
@@ -142,24 +158,28 @@ inline void Pack(const View& b, PackedB* out) {
 inline void PackRows(const View& a, std::vector<uint32_t>* out, int64_t* pairs) {
   const int64_t filled = (a.cols + 1) / 2;
   *pairs = RoundUp(filled, PairMultiple());
-  out->assign(RoundUp(a.rows, RowMultiple()) * *pairs, 0u);
-  uint32_t* target = out->data();
+  const int64_t padded_rows = RoundUp(a.rows, RowMultiple());
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
   if (a.col_stride == 1) {
+    uint32_t* target = Scratch(out, padded_rows * *pairs);
     for (int64_t i = 0; i < a.rows; ++i) {
       const float* row = a.data + i * a.row_stride;
       uint32_t* words = target + i * *pairs;
-      for (int64_t k = 0; k < a.cols; k += 32) {  // masked loads: an odd K pads with a zero
+      // Masked loads: an odd K pads with a zero, and the padding pairs are stored as zeros.
+      for (int64_t k = 0; k < 2 * *pairs; k += 32) {
         const __m512bh both = _mm512_cvtne2ps_pbh(
             _mm512_maskz_loadu_ps(TailMask(a.cols - k - 16), row + k + 16),
             _mm512_maskz_loadu_ps(TailMask(a.cols - k), row + k));
-        _mm512_mask_storeu_epi32(words + k / 2, TailMask(filled - k / 2),
+        _mm512_mask_storeu_epi32(words + k / 2, TailMask(*pairs - k / 2),
                                  reinterpret_cast<const __m512i&>(both));
       }
     }
+    std::fill(target + a.rows * *pairs, target + padded_rows * *pairs, 0u);
     return;
   }
 #endif
+  out->assign(padded_rows * *pairs, 0u);
+  uint32_t* target = out->data();
   for (int64_t i = 0; i < a.rows; ++i) {
     for (int64_t p = 0; p < filled; ++p) {
       const uint32_t lo = ToBf16(a(i, 2 * p));
@@ -357,10 +377,12 @@ class Products {
       const auto* words = reinterpret_cast<const uint32_t*>(left_columns_.data.data());
       const int64_t pairs = left_columns_.pairs, columns = left_columns_.padded_cols;
       if (!AmxUsable()) return {words, a.rows, pairs, 1, columns};
-      rows_.assign(RoundUp(a.rows, RowMultiple()) * pairs, 0u);
+      const int64_t padded_rows = RoundUp(a.rows, RowMultiple());
+      uint32_t* target = Scratch(&rows_, padded_rows * pairs);
       for (int64_t p = 0; p < pairs; ++p)
-        for (int64_t i = 0; i < a.rows; ++i) rows_[i * pairs + p] = words[p * columns + i];
-      return {rows_.data(), a.rows, pairs, pairs, 1};
+        for (int64_t i = 0; i < a.rows; ++i) target[i * pairs + p] = words[p * columns + i];
+      std::fill(target + a.rows * pairs, target + padded_rows * pairs, 0u);
+      return {target, a.rows, pairs, pairs, 1};
     }
     int64_t pairs;
     PackRows(a, &rows_, &pairs);
