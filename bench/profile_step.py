@@ -70,8 +70,10 @@ LOOKUPS = {"UnsortedSegmentSum", "ResourceGather", "GatherV2", "ScatterNd"}
 def group_of(op: str) -> str:
     """A coarse kind of work for one op name ``scope:type``."""
     kind = op.rsplit(":", 1)[1]
-    if "Adam" in op or "SGD" in op:
+    if "Adam" in op or "SGD" in op:  # incl. the deferred Adam rows' catch-up at the lookups
         return "optimizer update (incl. summing sparse rows)"
+    if kind.startswith("SimMerlin"):
+        return "fused kernels (GRU, AUGRU, sigmoid MLPs; forward and gradient)"
     if "MatMul" in kind:
         return "matrix products"
     if kind in LOOKUPS:

@@ -26,13 +26,7 @@
 #include <cstdint>
 #include <cstring>
 #include <mutex>
-#include <set>
 #include <vector>
-
-#include <sys/mman.h>
-#ifndef MADV_COLLAPSE
-#define MADV_COLLAPSE 25  // Linux >= 6.1; older kernels reject it (EINVAL), harmlessly
-#endif
 
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"
@@ -146,28 +140,6 @@ inline void ZeroGradientSteps(float* __restrict w, float* __restrict m, float* _
   }
 }
 
-// Asks Linux to back [data, data + bytes) with 2 MB pages, once per buffer. Rows are read and
-// written at random over tables far larger than the caches: with 4 kB pages nearly every row is
-// also a TLB miss. Best effort: nothing changes where transparent huge pages are unavailable.
-class HugePages {
- public:
-  void Advise(const void* data, int64_t bytes) {
-    constexpr uintptr_t kPage = uintptr_t{1} << 21;
-    const uintptr_t first = (reinterpret_cast<uintptr_t>(data) + kPage - 1) & ~(kPage - 1);
-    const uintptr_t last = (reinterpret_cast<uintptr_t>(data) + bytes) & ~(kPage - 1);
-    if (last <= first) return;
-    std::lock_guard<std::mutex> lock(mutex_);
-    if (!seen_.insert(data).second) return;
-    void* start = reinterpret_cast<void*>(first);
-    madvise(start, last - first, MADV_HUGEPAGE);
-    madvise(start, last - first, MADV_COLLAPSE);  // now, not when khugepaged gets to it
-  }
-
- private:
-  std::mutex mutex_;
-  std::set<const void*> seen_;
-};
-
 struct Table {
   Tensor var, m, v, steps;
   int64_t rows = 0, width = 0;
@@ -216,8 +188,6 @@ class AdamKernel : public OpKernel {
     }
     table->rows = var.dim_size(0);
     table->width = var.dim_size(1);
-    for (const Tensor* t : {&table->var, &table->m, &table->v, &table->steps})
-      huge_pages_.Advise(t->tensor_data().data(), t->TotalBytes());
     return true;
   }
 
@@ -275,7 +245,6 @@ class AdamKernel : public OpKernel {
 
   int threads_ = 0;
   Alphas alphas_;
-  HugePages huge_pages_;
 };
 
 template <typename Index>
