@@ -123,6 +123,7 @@ def test_only_the_outputs_asked_for_are_computed():
     # Two item features: one gather per feature and per embedded input.
     assert _gathers(layer, batch, ("target",)) == 2
     assert _gathers(layer, batch, ("target", "short", "short_mask")) == 4
-    assert _gathers(layer, batch, None) == 1 + 2 * 6  # user; target and 5 sequences
+    # user; target and 6 sequences (history, long, long_unmasked, short and 2 negatives)
+    assert _gathers(layer, batch, None) == 1 + 2 * 7
     with pytest.raises(ValueError, match="unknown outputs"):
         layer(batch, outputs=("shorts",))

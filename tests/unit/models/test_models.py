@@ -121,6 +121,7 @@ def test_sim_reads_the_long_history_in_one_product_as_the_blocks_do(options):
         for suffix in ("_history", "_neg_history"):
             batch[name + suffix] = tf.constant(rng.integers(1, high, (6, 16)) * valid)
     e = block.embeddings(batch)
+    del e["long_unmasked"]  # read_long_history would prefer it to the variable below
     target = tf.Variable(e["target"])
     long = tf.Variable(e["long"])
     weights = [tf.constant(rng.normal(size=shape), tf.float32) for shape in ((6, 8), (6, 16))]
@@ -145,3 +146,42 @@ def test_sim_reads_the_long_history_in_one_product_as_the_blocks_do(options):
     assert fused[1].numpy().sum() > 0 and not fused[1].numpy().all()
     for got, want in zip([fused[0], fused[2], *fused_grads], [blocks[0], blocks[2], *block_grads]):
         np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("options", [{"reference_compatible": True},
+                                     {"search_mode": "hard", "esu_attention": "dot"}])
+def test_sim_reads_the_long_history_unmasked_with_the_same_values_and_gradients(options):
+    # The dot-product ESU path weights padded steps by exactly zero, so SIM reads the long
+    # history without zeroing them first ("long_unmasked"): the same outputs and the same
+    # gradient into the item table as with the masked history.
+    schema = sample_schema({"item_id": 40, "category_id": 5}, {"user_id": 9}, 16)
+    block = SIMBlock(schema, embedding_dim=4, short_length=4, top_k=5, **options)
+    rng = np.random.default_rng(2)
+    lengths = rng.integers(0, 17, 6)
+    valid = np.arange(16)[None, :] >= 16 - lengths[:, None]
+    batch = {"user_id": tf.constant(rng.integers(1, 9, 6)),
+             "item_id": tf.constant(rng.integers(1, 40, 6)),
+             "category_id": tf.constant(rng.integers(1, 5, 6))}
+    for name, high in (("item_id", 40), ("category_id", 5)):
+        for suffix in ("_history", "_neg_history"):
+            batch[name + suffix] = tf.constant(rng.integers(1, high, (6, 16)) * valid)
+    block(batch)
+    table = block.embeddings.tables["item_id"].embeddings
+    weights = tf.constant(rng.normal(size=(6, 16)), tf.float32)
+    assert block._weights_long_history()
+
+    def read(unmasked):
+        with tf.GradientTape() as tape:
+            e = block.embeddings(batch)
+            if not unmasked:
+                del e["long_unmasked"]
+            pooled, selection, exact = block.read_long_history(e)
+            loss = tf.reduce_sum(pooled * weights[:, :8]) + tf.reduce_sum(exact * weights)
+        return [pooled, selection, exact], tf.convert_to_tensor(tape.gradient(loss, table))
+
+    (outputs, gradient), (masked_outputs, masked_gradient) = read(True), read(False)
+    assert not np.array_equal(block.embeddings(batch)["long_unmasked"].numpy(),
+                              block.embeddings(batch)["long"].numpy())  # padding present
+    for got, want in zip(outputs + [gradient], masked_outputs + [masked_gradient]):
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-6, atol=1e-7)
+    assert np.abs(gradient.numpy()).sum() > 0
