@@ -103,15 +103,12 @@ def test_models_take_ragged_histories_and_agree_in_eager_and_graph_mode(block_cl
     np.testing.assert_allclose(graph, eager, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("options", [{"reference_compatible": True},
-                                     {"search_mode": "hard", "esu_attention": "dot"}])
-def test_sim_reads_the_long_history_in_one_product_as_the_blocks_do(options):
-    # The dot-product ESU path of SIMBlock.read_long_history (scores once, one batched product
-    # for the three weighted sums) against the three blocks called one by one: values and
-    # gradients into the target and the long history.
+def sim_block_and_batch(options, seed):
+    """A small SIMBlock with ``options`` and a batch of 6 rows, histories of 16 padded to random
+    lengths (0 to 16); the random generator, for more draws."""
     schema = sample_schema({"item_id": 40, "category_id": 5}, {"user_id": 9}, 16)
     block = SIMBlock(schema, embedding_dim=4, short_length=4, top_k=5, **options)
-    rng = np.random.default_rng(1)
+    rng = np.random.default_rng(seed)
     lengths = rng.integers(0, 17, 6)
     valid = np.arange(16)[None, :] >= 16 - lengths[:, None]
     batch = {"user_id": tf.constant(rng.integers(1, 9, 6)),
@@ -120,6 +117,16 @@ def test_sim_reads_the_long_history_in_one_product_as_the_blocks_do(options):
     for name, high in (("item_id", 40), ("category_id", 5)):
         for suffix in ("_history", "_neg_history"):
             batch[name + suffix] = tf.constant(rng.integers(1, high, (6, 16)) * valid)
+    return block, batch, rng
+
+
+@pytest.mark.parametrize("options", [{"reference_compatible": True},
+                                     {"search_mode": "hard", "esu_attention": "dot"}])
+def test_sim_reads_the_long_history_in_one_product_as_the_blocks_do(options):
+    # The dot-product ESU path of SIMBlock.read_long_history (scores once, one batched product
+    # for the three weighted sums) against the three blocks called one by one: values and
+    # gradients into the target and the long history.
+    block, batch, rng = sim_block_and_batch(options, seed=1)
     e = block.embeddings(batch)
     del e["long_unmasked"]  # read_long_history would prefer it to the variable below
     target = tf.Variable(e["target"])
@@ -154,17 +161,7 @@ def test_sim_reads_the_long_history_unmasked_with_the_same_values_and_gradients(
     # The dot-product ESU path weights padded steps by exactly zero, so SIM reads the long
     # history without zeroing them first ("long_unmasked"): the same outputs and the same
     # gradient into the item table as with the masked history.
-    schema = sample_schema({"item_id": 40, "category_id": 5}, {"user_id": 9}, 16)
-    block = SIMBlock(schema, embedding_dim=4, short_length=4, top_k=5, **options)
-    rng = np.random.default_rng(2)
-    lengths = rng.integers(0, 17, 6)
-    valid = np.arange(16)[None, :] >= 16 - lengths[:, None]
-    batch = {"user_id": tf.constant(rng.integers(1, 9, 6)),
-             "item_id": tf.constant(rng.integers(1, 40, 6)),
-             "category_id": tf.constant(rng.integers(1, 5, 6))}
-    for name, high in (("item_id", 40), ("category_id", 5)):
-        for suffix in ("_history", "_neg_history"):
-            batch[name + suffix] = tf.constant(rng.integers(1, high, (6, 16)) * valid)
+    block, batch, rng = sim_block_and_batch(options, seed=2)
     block(batch)
     table = block.embeddings.tables["item_id"].embeddings
     weights = tf.constant(rng.normal(size=(6, 16)), tf.float32)
