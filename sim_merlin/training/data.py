@@ -13,8 +13,10 @@ shard. Two ways to shard:
 
 Batches come from :class:`Loader`, the Merlin dataloader with four changes: on the CPU, Merlin
 23.x converts fixed-length list columns (the histories) one scalar at a time in Python (about
-7,000 rows/s here, slower than the model trains), :class:`Loader` stacks each column's rows with
-numpy instead (the same tensors, about 100x faster); Merlin's reading thread polls its full
+7,000 rows/s here, slower than the model trains), while :class:`Loader` reads them as Arrow
+columns and reshapes each column's flat values into a [rows, length] numpy array without a
+copy (the same tensors; rows are shuffled as numpy arrays; parquet decoding is then most of the
+cost: about 195,000 samples/s here for the Books-size data); Merlin's reading thread polls its full
 queue every microsecond, taking a core from training (steps about 40% slower), ours waits on it;
 Merlin converts each chunk in the training thread when its first batch is asked for (a stall
 every 16 steps), ours in the reading thread; and every chunk's values are checked against the
@@ -58,6 +60,18 @@ class Split:
     @property
     def schema(self):
         return self.dataset.schema
+
+    @functools.cached_property
+    def _loader_dataset(self):
+        """The dataset the loaders read: on the CPU, the same files and partitions with
+        Arrow-backed columns (a history column stays one flat array of ids instead of a numpy
+        array object per row, which :class:`Loader` reshapes without copying)."""
+        from merlin.io import Dataset
+
+        if not getattr(self.dataset, "cpu", True):
+            return self.dataset
+        return Dataset(self.dataset.engine.paths, engine="parquet", schema=self.schema,
+                       dtype_backend="pyarrow")
 
     @property
     def rows(self) -> int:
@@ -105,16 +119,17 @@ class Split:
             np.random.seed(seed % 2**32)
         options = dict(batch_size=batch_size, shuffle=shuffle, drop_last=drop_remainder)
         schema = self.schema
+        source = self._loader_dataset
         if columns is not None:
             keep = set(columns) | {self.label}
             schema = schema.select_by_name([n for n in schema.column_names if n in keep])
         if size == 1 and not (shuffle and len(self.partition_rows) > 1):
-            dataset = self.dataset
+            dataset = source
             if columns is not None:  # Merlin's reader projects to the dataset's schema
                 dataset = copy.copy(dataset)
                 dataset.schema = schema
             return Loader(dataset, source=self.path, **options)
-        ddf = self.dataset.to_ddf()[schema.column_names]
+        ddf = source.to_ddf()[schema.column_names]
         if sharding == "partitions":
             # Merlin's own split (global_rank/global_size) by the same rule; Merlin itself raises
             # IndexError on every worker when there are fewer partitions than workers.
@@ -163,6 +178,9 @@ def _loader_class():
             # at once.
             buffer = super()._buff
             buffer.put_wait = QUEUE_PUT_WAIT_SECONDS
+            # Rows are shuffled after conversion, as numpy arrays (_convert_df_to_tensors):
+            # permuting a pandas frame of Arrow list columns costs ~4 us per row and column.
+            buffer.shuffle = False
             return buffer
 
         def make_tensors(self, gdf, use_row_lengths=False):
@@ -176,20 +194,26 @@ def _loader_class():
             import pandas as pd
 
             if not isinstance(frame, pd.DataFrame):
-                return super()._convert_df_to_tensors(frame)  # cuDF: Merlin's path is fast
+                # cuDF: Merlin's path is fast (and shuffles the frame itself)
+                return super()._convert_df_to_tensors(_shuffled(frame, self.shuffle))
             ragged = [name for name in frame.columns if is_list_dtype(frame[name])
                       and self.input_schema[name].shape.is_ragged]
             if ragged:
-                return super()._convert_df_to_tensors(frame)
+                return super()._convert_df_to_tensors(_shuffled(frame, self.shuffle))
+            order = np.random.permutation(len(frame)) if self.shuffle else None
             tensors = {}
             for name in list(frame.columns):
                 column = frame.pop(name)
-                if is_list_dtype(column):
-                    tensors[name] = _stack_rows(column, name)
-                    _check_values(tensors[name], self.input_schema[name], self.source)
+                if isinstance(column.dtype, pd.ArrowDtype):
+                    values = _arrow_column(column, name)
+                elif is_list_dtype(column):
+                    values = _stack_rows(column, name)
                 else:
-                    _check_values(column.to_numpy(), self.input_schema[name], self.source)
-                    tensors[name] = self._to_tensor(column.to_frame())
+                    values = self._to_tensor(column.to_frame())
+                if order is not None:
+                    values = values[order]
+                _check_values(values, self.input_schema[name], self.source)
+                tensors[name] = values
             return tensors
 
     return Loader
@@ -232,6 +256,48 @@ def _check_values(values: np.ndarray, column, source: str) -> None:
             f"{where}: {int(bad.sum())} id(s) outside the schema's domain [{low}, {high}] "
             f"(e.g. {values[bad].flat[0]}); schema.pbtxt's int_domain must cover every id (were "
             "the parquet files and the schema written by different preprocessing runs?)")
+
+
+def _shuffled(frame, shuffle: bool):
+    from merlin.io import shuffle_df
+
+    return shuffle_df(frame, keep_index=True) if shuffle else frame
+
+
+def _arrow_column(column, name: str) -> np.ndarray:
+    """numpy array of a pandas column with an Arrow dtype: [rows] for scalars, [rows, length]
+    for fixed-length lists (a view of Arrow's values where the column is one chunk)."""
+    import pyarrow as pa
+
+    data = pa.array(column.array)  # its __arrow_array__: the column's own Arrow data
+    if isinstance(data, pa.Array):
+        data = pa.chunked_array([data])
+    if not pa.types.is_list(data.type) and not pa.types.is_large_list(data.type):
+        return data.to_numpy()  # nulls become NaN, which _check_values names
+    if data.null_count:
+        raise DatasetError(f"column {name!r}: some rows are null ({data.null_count} of "
+                           f"{len(data)}, no list), but the schema says every row has a list "
+                           "of fixed length")
+    parts = []
+    for chunk in data.chunks:
+        rows = np.asarray(chunk.value_lengths())
+        if len(rows) and (rows != rows[0]).any():
+            lengths = sorted(set(rows.tolist()))
+            raise DatasetError(f"column {name!r}: rows have list lengths {lengths[:5]}, but the "
+                               "schema says the lists have a fixed length")
+        values = chunk.flatten()
+        if values.null_count:
+            raise DatasetError(f"column {name!r}: {values.null_count} list element(s) are "
+                               "null; expected ids")
+        parts.append(values.to_numpy().reshape(len(chunk), rows[0] if len(rows) else 0))
+    if len(parts) == 1:
+        return parts[0]
+    widths = {p.shape[1] for p in parts if len(p)}
+    if len(widths) > 1:
+        raise DatasetError(f"column {name!r}: rows have list lengths {sorted(widths)[:5]}, but "
+                           "the schema says the lists have a fixed length")
+    width = widths.pop() if widths else 0
+    return np.concatenate([p.reshape(len(p), width) for p in parts])
 
 
 def _stack_rows(column, name: str) -> np.ndarray:

@@ -134,12 +134,18 @@ def test_open_split_test_split(tiny_dataset):
 def test_fast_loader_yields_exactly_merlins_tensors(tiny_dataset, name, batch_size, monkeypatch):
     split = open_split(tiny_dataset / name)
     stacked = []
-    original = data._stack_rows
-    monkeypatch.setattr(data, "_stack_rows",
-                        lambda column, col: stacked.append(col) or original(column, col))
+    original = data._arrow_column
+
+    def arrow_column(column, name):
+        values = original(column, name)
+        if values.ndim == 2:
+            stacked.append(name)
+        return values
+
+    monkeypatch.setattr(data, "_arrow_column", arrow_column)
     fast = list(split.loader(batch_size))
     merlin = list(merlin_loader(split.dataset, batch_size=batch_size, shuffle=False))
-    # The numpy path really ran, for every list column of every chunk.
+    # The Arrow-to-numpy path really ran, for every list column of every chunk.
     histories = [c for c in split.schema.column_names if c.endswith("history")]
     assert set(stacked) == set(histories) and len(histories) == 4
     assert len(fast) == len(merlin) == split.batches(batch_size)
@@ -211,6 +217,26 @@ def test_reading_thread_sleeps_while_its_queue_is_full(multi):
     wall = time.perf_counter() - wall_before
     loader.stop()
     assert cpu < 0.25 * wall, f"the loader used {cpu:.2f} s of CPU in {wall:.2f} s while idle"
+
+
+def test_arrow_columns_become_numpy_rows_across_chunks_and_slices():
+    import pandas as pd
+    import pyarrow as pa
+
+    rows = np.arange(60, dtype=np.int32).reshape(12, 5)
+    chunks = [pa.array(list(rows[:4])), pa.array(list(rows[4:]))]
+    sliced = pa.chunked_array([chunks[0].slice(1, 3), chunks[1].slice(2, 5)])
+    column = pd.Series(pd.arrays.ArrowExtensionArray(sliced))
+    got = data._arrow_column(column, "history")
+    np.testing.assert_array_equal(got, np.concatenate([rows[1:4], rows[6:11]]))
+    scalars = pd.Series(pd.arrays.ArrowExtensionArray(pa.chunked_array([[1, 2], [3]])))
+    np.testing.assert_array_equal(data._arrow_column(scalars, "item_id"), [1, 2, 3])
+    ragged = pd.Series(pd.arrays.ArrowExtensionArray(pa.chunked_array([[[1, 2]], [[3]]])))
+    with pytest.raises(DatasetError, match=r"'history': rows have list lengths \[1, 2\]"):
+        data._arrow_column(ragged, "history")
+    holes = pd.Series(pd.arrays.ArrowExtensionArray(pa.chunked_array([[[1, None]]])))
+    with pytest.raises(DatasetError, match=r"'history': 1 list element\(s\) are null"):
+        data._arrow_column(holes, "history")
 
 
 @pytest.mark.parametrize("damage, message", [
