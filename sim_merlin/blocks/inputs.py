@@ -39,6 +39,7 @@ from sim_merlin import schema as conventions
 from sim_merlin.blocks.sequence import left_pad
 from sim_merlin.blocks.serialization import SchemaConfigMixin
 from sim_merlin.blocks.table_reads import AnnouncedEmbedding
+from sim_merlin.kernels import embedding_rows, model_ops
 
 
 class SchemaMismatchError(ValueError):
@@ -118,6 +119,13 @@ OUTPUTS = ("user", "target", "history", "history_mask", "long", "long_mask", "sh
            "long_unmasked")
 
 
+def _fused_lookups(tables) -> bool:
+    """The lookups of ``tables`` (built, one compute dtype of the op's) may be one fused op."""
+    dtypes = {t.compute_dtype for t in tables}
+    return (all(t.built for t in tables) and len(dtypes) == 1
+            and dtypes <= {"float32", "bfloat16"} and model_ops.available())
+
+
 def _masked(embedded: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:
     """Embeddings [B, T, D] with padded steps (mask False) set to zero."""
     return embedded * tf.cast(tf.expand_dims(mask, -1), embedded.dtype)
@@ -173,8 +181,13 @@ class BehaviourEmbeddings(SchemaConfigMixin, mm.Block):
         return value
 
     def _lookup(self, ids: dict, names):
-        parts = [self.tables[self.layout.column_domain[n]](ids[n], announced=True)
-                 for n in names]
+        tables = [self.tables[self.layout.column_domain[n]] for n in names]
+        if _fused_lookups(tables):
+            # One op: each row written once, in the compute dtype (the same values).
+            return embedding_rows.embedding_rows([t.embeddings for t in tables],
+                                                 [ids[n] for n in names],
+                                                 tables[0].compute_dtype)
+        parts = [t(ids[n], announced=True) for t, n in zip(tables, names)]
         return tf.concat(parts, axis=-1)
 
     def call(self, inputs, outputs=None, training=False):

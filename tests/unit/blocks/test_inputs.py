@@ -107,8 +107,11 @@ def test_config_round_trip_keeps_the_schema():
 
 
 def _gathers(layer, batch, outputs):
+    """Table lookups in the traced graph (a fused lookup op reads N tables)."""
     graph = tf.function(lambda b: layer(b, outputs=outputs)).get_concrete_function(batch).graph
-    return sum(op.type == "ResourceGather" for op in graph.get_operations())
+    return sum(1 if op.type == "ResourceGather" else op.get_attr("N")
+               for op in graph.get_operations()
+               if op.type in ("ResourceGather", "SimMerlinEmbeddingRows"))
 
 
 def test_only_the_outputs_asked_for_are_computed():
@@ -127,3 +130,41 @@ def test_only_the_outputs_asked_for_are_computed():
     assert _gathers(layer, batch, None) == 1 + 2 * 7
     with pytest.raises(ValueError, match="unknown outputs"):
         layer(batch, outputs=("shorts",))
+
+
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
+def test_fused_lookups_give_the_bits_and_gradients_of_the_plain_ones(policy):
+    """With the fused kernels, each sequence's lookups are one op (embedding_rows); the outputs
+    and the tables' gradients must be those of gather + cast + concat."""
+    from sim_merlin.kernels import model_ops
+
+    if not model_ops.available():
+        pytest.skip("fused kernels not built here")
+    batch, _ = _batch()
+    previous = tf.keras.mixed_precision.global_policy()
+    tf.keras.mixed_precision.set_global_policy(policy)
+    try:
+        layer = BehaviourEmbeddings(_schema(), embedding_dim=3, short_length=S)
+        layer(batch)  # builds the tables
+
+        def run():
+            with tf.GradientTape() as tape:
+                out = layer(batch)
+                loss = tf.add_n([tf.reduce_sum(tf.cast(v, tf.float32) ** 2)
+                                 for k, v in sorted(out.items()) if v.dtype.is_floating])
+            return out, tape.gradient(loss, layer.trainable_variables)
+
+        fused, fused_grads = run()
+        with model_ops.plain_ops():
+            plain, plain_grads = run()
+    finally:
+        tf.keras.mixed_precision.set_global_policy(previous)
+    assert _gathers(layer, batch, None) == 1 + 2 * 7
+    graph = tf.function(lambda b: layer(b)).get_concrete_function(batch).graph
+    assert sum(op.type == "SimMerlinEmbeddingRows" for op in graph.get_operations()) == 1 + 7
+    for key, value in plain.items():
+        assert fused[key].dtype == value.dtype, key
+        np.testing.assert_array_equal(fused[key].numpy(), value.numpy(), key)
+    for got, want in zip(fused_grads, plain_grads):
+        np.testing.assert_array_equal(got.indices.numpy(), want.indices.numpy())
+        np.testing.assert_array_equal(got.values.numpy(), want.values.numpy())

@@ -1,0 +1,289 @@
+// Rows of several embedding tables, side by side, in the model's dtype (sim_merlin.kernels).
+//
+// A behaviour sequence embeds each step with one row of every item-feature table (item id,
+// category id, ...) and concatenates them. In TensorFlow ops that is, per table, a gather of
+// float32 rows, a cast to the compute dtype (bfloat16 under mixed_bfloat16), then one concat:
+// three passes over the result and two float32 copies of it. SimMerlinEmbeddingRows writes each
+// output row once: out[n] = [T(tables[0][ids[0][n]]), T(tables[1][ids[1][n]]), ...], with
+// float32 -> bfloat16 rounded to nearest even exactly as TensorFlow's Cast (every NaN becomes
+// the quiet NaN 0x7FC0, as its vectorised cast does), so the values are the same bits. The
+// gradient (Python, sim_merlin/kernels/embedding_rows.py) is one IndexedSlices per table, as a
+// gather's.
+
+#define EIGEN_USE_THREADS
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#include "tensorflow/core/framework/op.h"
+#include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/resource_mgr.h"
+#include "tensorflow/core/framework/resource_var.h"
+#include "tensorflow/core/framework/shape_inference.h"
+#include "tensorflow/core/kernels/training_op_helpers.h"
+#include "parallel.h"
+
+namespace {
+
+using tensorflow::OpKernel;
+using tensorflow::OpKernelConstruction;
+using tensorflow::OpKernelContext;
+using tensorflow::Tensor;
+using CPUDevice = Eigen::ThreadPoolDevice;
+
+REGISTER_OP("SimMerlinEmbeddingRows")
+    .Input("tables: N * resource")   // float32 [rows_k, widths[k]]
+    .Input("ids: N * Tindices")      // one shape S for all
+    .Output("rows: T")               // S + [sum(widths)]
+    .Attr("N: int >= 1")
+    .Attr("widths: list(int) >= 1")
+    .Attr("T: {float, bfloat16}")
+    .Attr("Tindices: {int32, int64}")
+    .Attr("threads: int = 0")
+    .SetIsStateful()  // reads variables: ordered with their updates like a ResourceGather
+    .SetShapeFn([](tensorflow::shape_inference::InferenceContext* c) {
+      int n = 0;
+      TF_RETURN_IF_ERROR(c->GetAttr("N", &n));
+      std::vector<int64_t> widths;
+      TF_RETURN_IF_ERROR(c->GetAttr("widths", &widths));
+      if (static_cast<int>(widths.size()) != n) {
+        return tensorflow::errors::InvalidArgument("widths must have N = ", n, " entries");
+      }
+      int64_t total = 0;
+      for (int64_t w : widths) total += w;
+      tensorflow::shape_inference::ShapeHandle shape = c->input(n);
+      for (int k = 1; k < n; ++k) TF_RETURN_IF_ERROR(c->Merge(shape, c->input(n + k), &shape));
+      tensorflow::shape_inference::ShapeHandle out;
+      TF_RETURN_IF_ERROR(c->Concatenate(shape, c->Vector(total), &out));
+      c->set_output(0, out);
+      return tensorflow::Status();
+    });
+
+// float32 -> bfloat16 bits, round to nearest even; any NaN -> 0x7FC0 (TensorFlow's Cast).
+inline uint16_t Bf16Bits(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0;
+  return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+inline void CopyRow(const float* __restrict source, float* __restrict target, int64_t width) {
+  std::memcpy(target, source, width * sizeof(float));
+}
+
+inline void CopyRow(const float* __restrict source, Eigen::bfloat16* __restrict target,
+                    int64_t width) {
+  uint16_t* out = reinterpret_cast<uint16_t*>(target);
+  int64_t j = 0;
+#ifdef __AVX512F__
+  const __m512i one = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7FFF);
+  const __m512i magnitude = _mm512_set1_epi32(0x7FFFFFFF), infinity = _mm512_set1_epi32(0x7F800000);
+  const __m512i nan = _mm512_set1_epi32(0x7FC0);
+  for (; j + 16 <= width; j += 16) {
+    const __m512i u = _mm512_loadu_si512(source + j);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), one);
+    __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(bias, lsb)), 16);
+    const __mmask16 is_nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, magnitude), infinity);
+    rounded = _mm512_mask_mov_epi32(rounded, is_nan, nan);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j), _mm512_cvtepi32_epi16(rounded));
+  }
+#endif
+  for (; j < width; ++j) out[j] = Bf16Bits(source[j]);
+}
+
+constexpr int64_t kAhead = 16;  // rows prefetched ahead of the copy
+
+template <typename T, typename Index>
+class EmbeddingRowsOp : public OpKernel {
+ public:
+  explicit EmbeddingRowsOp(OpKernelConstruction* context) : OpKernel(context) {
+    OP_REQUIRES_OK(context, context->GetAttr("N", &n_));
+    OP_REQUIRES_OK(context, context->GetAttr("widths", &widths_));
+    OP_REQUIRES_OK(context, context->GetAttr("threads", &threads_));
+    OP_REQUIRES(context, static_cast<int>(widths_.size()) == n_,
+                tensorflow::errors::InvalidArgument("widths must have N entries"));
+  }
+
+  void Compute(OpKernelContext* context) override {
+    std::vector<tensorflow::core::RefCountPtr<tensorflow::Var>> variables(n_);
+    for (int k = 0; k < n_; ++k) {
+      OP_REQUIRES_OK(context, tensorflow::LookupResource(
+                                  context, tensorflow::HandleFromInput(context, k),
+                                  &variables[k]));
+      OP_REQUIRES_OK(context, (tensorflow::EnsureSparseVariableAccess<CPUDevice, float>(
+                                  context, variables[k].get())));
+    }
+    // Shared locks, taken in address order (as TensorFlow's ops that lock several variables).
+    std::vector<tensorflow::Var*> order;
+    for (auto& v : variables) order.push_back(v.get());
+    std::sort(order.begin(), order.end());
+    order.erase(std::unique(order.begin(), order.end()), order.end());
+    std::vector<std::unique_ptr<tensorflow::tf_shared_lock>> locks;
+    for (tensorflow::Var* v : order) {
+      locks.push_back(std::make_unique<tensorflow::tf_shared_lock>(*v->mu()));
+    }
+    const Tensor& first_ids = context->input(n_);
+    int64_t total = 0;
+    std::vector<const float*> tables(n_);
+    std::vector<int64_t> rows(n_);
+    std::vector<const Index*> ids(n_);
+    for (int k = 0; k < n_; ++k) {
+      const Tensor& table = *variables[k]->tensor();
+      OP_REQUIRES(context, table.dtype() == tensorflow::DT_FLOAT && table.dims() == 2 &&
+                               table.dim_size(1) == widths_[k],
+                  tensorflow::errors::InvalidArgument(
+                      "table ", k, " must be a float32 matrix of width ", widths_[k], ", got ",
+                      tensorflow::DataTypeString(table.dtype()), " ",
+                      table.shape().DebugString()));
+      const Tensor& index = context->input(n_ + k);
+      OP_REQUIRES(context, index.shape() == first_ids.shape(),
+                  tensorflow::errors::InvalidArgument(
+                      "all ids must have one shape, got ", first_ids.shape().DebugString(),
+                      " and ", index.shape().DebugString()));
+      tables[k] = table.flat<float>().data();
+      rows[k] = table.dim_size(0);
+      ids[k] = index.flat<Index>().data();
+      total += widths_[k];
+    }
+    tensorflow::TensorShape shape = first_ids.shape();
+    shape.AddDim(total);
+    Tensor* output = nullptr;
+    OP_REQUIRES_OK(context, context->allocate_output(0, shape, &output));
+    T* out = output->flat<T>().data();
+    const int64_t count = first_ids.NumElements();
+    std::atomic<int64_t> bad{-1};
+    sim_merlin::ParallelFor(context, count, 40 * total, threads_, [&](int64_t first,
+                                                                      int64_t last) {
+      for (int64_t i = first; i < last; ++i) {
+        T* target = out + i * total;
+        if (i + kAhead < last) {  // the rows are random reads: ask for them early
+          for (int k = 0; k < n_; ++k) {
+            const int64_t ahead = static_cast<int64_t>(ids[k][i + kAhead]);
+            if (ahead >= 0 && ahead < rows[k]) {
+              __builtin_prefetch(tables[k] + ahead * widths_[k]);
+            }
+          }
+        }
+        for (int k = 0; k < n_; ++k) {
+          const int64_t row = static_cast<int64_t>(ids[k][i]);
+          if (row < 0 || row >= rows[k]) {
+            bad.store(k * count + i);
+            std::memset(static_cast<void*>(target), 0, widths_[k] * sizeof(T));
+          } else {
+            CopyRow(tables[k] + row * widths_[k], target, widths_[k]);
+          }
+          target += widths_[k];
+        }
+      }
+    });
+    const int64_t where = bad.load();
+    if (where >= 0) {
+      const int k = static_cast<int>(where / count);
+      const int64_t i = where % count;
+      context->SetStatus(tensorflow::errors::InvalidArgument(
+          "ids[", k, "] (flat position ", i, ") = ", static_cast<int64_t>(ids[k][i]),
+          " is not in [0, ", rows[k], "): the table has ", rows[k], " rows"));
+    }
+  }
+
+ private:
+  int n_ = 0;
+  int threads_ = 0;
+  std::vector<int64_t> widths_;
+};
+
+// The gradient's values: column block k of rows_grad [count, sum(widths)], as float32
+// [count, widths[k]], one pass (a split and N casts in TensorFlow ops).
+template <typename T>
+class EmbeddingRowsGradOp : public OpKernel {
+ public:
+  explicit EmbeddingRowsGradOp(OpKernelConstruction* context) : OpKernel(context) {
+    OP_REQUIRES_OK(context, context->GetAttr("widths", &widths_));
+    OP_REQUIRES_OK(context, context->GetAttr("threads", &threads_));
+  }
+
+  void Compute(OpKernelContext* context) override {
+    const Tensor& grad = context->input(0);
+    int64_t total = 0;
+    for (int64_t w : widths_) total += w;
+    OP_REQUIRES(context, grad.dims() >= 1 && grad.dim_size(grad.dims() - 1) == total,
+                tensorflow::errors::InvalidArgument("rows_grad must end in ", total,
+                                                    " columns, got ",
+                                                    grad.shape().DebugString()));
+    const int64_t count = grad.NumElements() / std::max<int64_t>(total, 1);
+    const int n = static_cast<int>(widths_.size());
+    tensorflow::OpOutputList outputs;
+    OP_REQUIRES_OK(context, context->output_list("values", &outputs));
+    std::vector<float*> targets(n);
+    for (int k = 0; k < n; ++k) {
+      Tensor* output = nullptr;
+      OP_REQUIRES_OK(context, outputs.allocate(k, tensorflow::TensorShape({count, widths_[k]}),
+                                               &output));
+      targets[k] = output->flat<float>().data();
+    }
+    const T* source = grad.flat<T>().data();
+    sim_merlin::ParallelFor(context, count, 4 * total, threads_, [&](int64_t first,
+                                                                     int64_t last) {
+      for (int64_t i = first; i < last; ++i) {
+        const T* row = source + i * total;
+        for (int k = 0; k < n; ++k) {
+          float* target = targets[k] + i * widths_[k];
+          for (int64_t j = 0; j < widths_[k]; ++j) target[j] = static_cast<float>(row[j]);
+          row += widths_[k];
+        }
+      }
+    });
+  }
+
+ private:
+  int threads_ = 0;
+  std::vector<int64_t> widths_;
+};
+
+REGISTER_OP("SimMerlinEmbeddingRowsGrad")
+    .Input("rows_grad: T")        // [..., sum(widths)]
+    .Output("values: N * float")  // [count, widths[k]]
+    .Attr("N: int >= 1")
+    .Attr("widths: list(int) >= 1")
+    .Attr("T: {float, bfloat16}")
+    .Attr("threads: int = 0")
+    .SetShapeFn([](tensorflow::shape_inference::InferenceContext* c) {
+      std::vector<int64_t> widths;
+      TF_RETURN_IF_ERROR(c->GetAttr("widths", &widths));
+      tensorflow::shape_inference::ShapeHandle rows;
+      TF_RETURN_IF_ERROR(c->Subshape(c->input(0), 0, -1, &rows));
+      tensorflow::shape_inference::DimensionHandle count = c->NumElements(rows);
+      for (size_t k = 0; k < widths.size(); ++k) {
+        c->set_output(static_cast<int>(k), c->Matrix(count, widths[k]));
+      }
+      return tensorflow::Status();
+    });
+
+REGISTER_KERNEL_BUILDER(Name("SimMerlinEmbeddingRowsGrad")
+                            .Device(tensorflow::DEVICE_CPU)
+                            .TypeConstraint<float>("T"),
+                        EmbeddingRowsGradOp<float>);
+REGISTER_KERNEL_BUILDER(Name("SimMerlinEmbeddingRowsGrad")
+                            .Device(tensorflow::DEVICE_CPU)
+                            .TypeConstraint<Eigen::bfloat16>("T"),
+                        EmbeddingRowsGradOp<Eigen::bfloat16>);
+
+#define REGISTER(T, Index)                                              \
+  REGISTER_KERNEL_BUILDER(Name("SimMerlinEmbeddingRows")                \
+                              .Device(tensorflow::DEVICE_CPU)           \
+                              .TypeConstraint<T>("T")                   \
+                              .TypeConstraint<Index>("Tindices"),       \
+                          EmbeddingRowsOp<T, Index>);
+REGISTER(float, int32_t)
+REGISTER(float, int64_t)
+REGISTER(Eigen::bfloat16, int32_t)
+REGISTER(Eigen::bfloat16, int64_t)
+#undef REGISTER
+
+}  // namespace

@@ -1,0 +1,116 @@
+"""The fused lookup op (embedding_rows.cc) against gather + cast + concat in TensorFlow ops: the
+same bits forward (every float32 bit pattern, NaN and infinities included) and the same
+IndexedSlices gradients; ids outside a table named; the one-thread pool path."""
+import numpy as np
+import pytest
+
+import sim_merlin  # noqa: F401  (before tensorflow)
+import tensorflow as tf
+
+from sim_merlin.kernels import build, embedding_rows
+
+pytestmark = pytest.mark.skipif(not build.usable(), reason="fused kernels not built here")
+
+
+def tables_and_ids(seed=0, batch=(6, 9)):
+    rng = np.random.default_rng(seed)
+    items = rng.normal(size=(50, 16)).astype(np.float32)
+    # Every kind of float32: random bit patterns (NaNs of both signs and any payload, denormals,
+    # infinities), ties that round to even, and the largest finite value.
+    items[1:40] = np.frombuffer(rng.integers(0, 2**32, 39 * 16, dtype=np.uint32).tobytes(),
+                                np.float32).reshape(39, 16)
+    items[0, :12] = [np.nan, -np.nan, np.inf, -np.inf, 1e-40, -1e-40, 0.0, -0.0, 3.4028235e38,
+                     1.0000001, 1.00390625, 1.01171875]
+    categories = rng.normal(size=(7, 5)).astype(np.float32)
+    item_ids = rng.integers(0, 50, batch)
+    item_ids.flat[:2] = [0, 1]
+    return (tf.Variable(items), tf.Variable(categories)), (
+        tf.constant(item_ids), tf.constant(rng.integers(0, 7, batch)))
+
+
+def plain(tables, ids, dtype):
+    return tf.concat([tf.cast(tf.gather(t, i), dtype) for t, i in zip(tables, ids)], -1)
+
+
+def bits(x):
+    return tf.bitcast(x, tf.uint16 if x.dtype == tf.bfloat16 else tf.uint32).numpy()
+
+
+@pytest.mark.parametrize("dtype", [tf.float32, tf.bfloat16])
+@pytest.mark.parametrize("index_dtype", [tf.int32, tf.int64])
+def test_rows_are_the_bits_of_gather_cast_concat(dtype, index_dtype):
+    tables, ids = tables_and_ids()
+    ids = [tf.cast(i, index_dtype) for i in ids]
+    got = embedding_rows.embedding_rows(tables, ids, dtype)
+    assert got.dtype == dtype and got.shape == (6, 9, 21)
+    np.testing.assert_array_equal(bits(got), bits(plain(tables, ids, dtype)))
+    # One table, scalar ids per row (the target item's lookup).
+    one = embedding_rows.embedding_rows(tables[:1], [ids[0][:, 0]], dtype)
+    np.testing.assert_array_equal(bits(one), bits(plain(tables[:1], [ids[0][:, 0]], dtype)))
+
+
+@pytest.mark.parametrize("dtype", [tf.float32, tf.bfloat16])
+def test_gradients_are_the_indexed_slices_of_the_gathers(dtype):
+    tables, ids = tables_and_ids(1)
+    tables = [tf.Variable(tf.random.stateless_normal(t.shape, [3, 4])) for t in tables]
+    upstream = tf.cast(tf.random.stateless_normal([6, 9, 21], [5, 6]), dtype)
+
+    @tf.function
+    def gradients(fused):
+        with tf.GradientTape() as tape:
+            rows = (embedding_rows.embedding_rows(tables, ids, dtype) if fused
+                    else plain(tables, ids, dtype))
+            loss = tf.reduce_sum(tf.cast(rows * upstream, tf.float32))
+        return tape.gradient(loss, tables)
+
+    for got, want, table in zip(gradients(True), gradients(False), tables):
+        assert isinstance(got, tf.IndexedSlices)
+        np.testing.assert_array_equal(got.indices.numpy(), want.indices.numpy())
+        np.testing.assert_array_equal(got.values.numpy(), want.values.numpy())
+        np.testing.assert_array_equal(got.dense_shape.numpy(), table.shape.as_list())
+    # Independently: the dense gradient of row r sums the upstream slices of the steps reading it.
+    dense = tf.convert_to_tensor(gradients(True)[1]).numpy()
+    expected = np.zeros([7, 5], np.float32)
+    np.add.at(expected, ids[1].numpy().reshape(-1),
+              tf.cast(upstream, tf.float32).numpy()[..., 16:].reshape(-1, 5))
+    np.testing.assert_allclose(dense, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_an_id_outside_its_table_is_named():
+    tables, ids = tables_and_ids()
+    ids = [ids[0], ids[1] + 7]
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"ids\[1\] .* is not in \[0, 7\)"):
+        embedding_rows.embedding_rows(tables, ids)
+    with pytest.raises(ValueError, match="one ids tensor per table"):
+        embedding_rows.embedding_rows(tables, ids[:1])
+
+
+def test_reads_follow_the_updates_before_them_in_a_function():
+    table = tf.Variable(tf.zeros([4, 2]))
+
+    @tf.function
+    def update_then_read():
+        table.scatter_add(tf.IndexedSlices(tf.ones([1, 2]), tf.constant([3])))
+        return embedding_rows.embedding_rows([table], [tf.constant([3, 0])])
+
+    np.testing.assert_array_equal(update_then_read().numpy(), [[1, 1], [0, 0]])
+    np.testing.assert_array_equal(update_then_read().numpy(), [[2, 2], [0, 0]])
+
+
+def test_own_threads_give_the_same_rows(run_with_one_intra_op_thread):
+    out = run_with_one_intra_op_thread("""
+from sim_merlin.kernels import embedding_rows
+rng = np.random.default_rng(0)
+tables = [tf.Variable(rng.normal(size=(1000, 16)).astype(np.float32)),
+          tf.Variable(rng.normal(size=(30, 16)).astype(np.float32))]
+ids = [tf.constant(rng.integers(0, 1000, (512, 20))), tf.constant(rng.integers(0, 30, (512, 20)))]
+upstream = tf.cast(tf.random.stateless_normal([512, 20, 32], [1, 2]), tf.bfloat16)
+with tf.GradientTape(persistent=True) as tape:
+    got = embedding_rows.embedding_rows(tables, ids, tf.bfloat16)
+    want = tf.concat([tf.cast(tf.gather(t, i), tf.bfloat16) for t, i in zip(tables, ids)], -1)
+    losses = [tf.reduce_sum(tf.cast(x * upstream, tf.float32)) for x in (got, want)]
+print(bool(np.array_equal(tf.bitcast(got, tf.uint16).numpy(), tf.bitcast(want, tf.uint16).numpy())))
+for g, w in zip(tape.gradient(losses[0], tables), tape.gradient(losses[1], tables)):
+    print(bool(np.array_equal(g.values.numpy(), w.values.numpy())))
+""")
+    assert out.split()[-3:] == ["True", "True", "True"]
