@@ -33,11 +33,19 @@ def replace_directory(new: os.PathLike | str, target: os.PathLike | str,
 
 
 def write_json_atomic(path: os.PathLike | str, value) -> None:
-    """Write ``value`` as JSON to ``path`` through a temporary file and a rename."""
-    staging = f"{os.fspath(path)}.partial-{os.getpid()}"
-    with open(staging, "w") as handle:
-        json.dump(value, handle, indent=2, sort_keys=True)
-    os.replace(staging, path)
+    """Write ``value`` as JSON to ``path`` through a temporary file and a rename (the temporary
+    file of a writer that failed, or was killed, is removed)."""
+    path = os.fspath(path)
+    prefix = f"{os.path.basename(path)}.partial-"
+    remove_abandoned(os.path.dirname(path) or ".", prefix)
+    staging = f"{path}.partial-{os.getpid()}"
+    try:
+        with open(staging, "w") as handle:
+            json.dump(value, handle, indent=2, sort_keys=True)
+        os.replace(staging, path)
+    finally:
+        if os.path.exists(staging):
+            os.remove(staging)
 
 
 def process_alive(pid: int) -> bool:

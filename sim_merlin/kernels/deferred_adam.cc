@@ -140,9 +140,12 @@ inline void ZeroGradientSteps(float* __restrict w, float* __restrict m, float* _
   }
 }
 
+// A table's four variables (locked by the caller) and their elements.
 struct Table {
   Tensor var, m, v, steps;
   int64_t rows = 0, width = 0;
+  float *w = nullptr, *mm = nullptr, *vv = nullptr;  // [rows, width] each
+  int32_t* step_counts = nullptr;                     // [rows]
 };
 
 // The work is split by rows: part k of `parts` owns the rows with row % parts == k (ids are
@@ -188,6 +191,10 @@ class AdamKernel : public OpKernel {
     }
     table->rows = var.dim_size(0);
     table->width = var.dim_size(1);
+    table->w = table->var.flat<float>().data();
+    table->mm = table->m.flat<float>().data();
+    table->vv = table->v.flat<float>().data();
+    table->step_counts = table->steps.flat<int32_t>().data();
     return true;
   }
 
@@ -272,10 +279,8 @@ class CatchUpOp : public AdamKernel {
       n += lists[l].NumElements();
     }
     const float* alphas = alphas_.Upto(hyper, step);
-    int32_t* steps = table.steps.flat<int32_t>().data();
-    float* w = table.var.flat<float>().data();
-    float* mm = table.m.flat<float>().data();
-    float* vv = table.v.flat<float>().data();
+    int32_t* steps = table.step_counts;
+    float *w = table.w, *mm = table.mm, *vv = table.vv;
     const float c1 = 1.0f - hyper.beta1, c2 = 1.0f - hyper.beta2;
     std::atomic<int64_t> ahead{-1};
     ForEachRowRange(context, table.rows, n, [&](RowPart part) {
@@ -335,10 +340,8 @@ class DeferredAdamOp : public AdamKernel {
     if (!InTable(context, index, n, table.rows)) return;
     const float* g = values.flat<float>().data();
     const float* alphas = alphas_.Upto(hyper, step);
-    int32_t* steps = table.steps.flat<int32_t>().data();
-    float* w = table.var.flat<float>().data();
-    float* mm = table.m.flat<float>().data();
-    float* vv = table.v.flat<float>().data();
+    int32_t* steps = table.step_counts;
+    float *w = table.w, *mm = table.mm, *vv = table.vv;
     const float c1 = 1.0f - hyper.beta1, c2 = 1.0f - hyper.beta2, epsilon = hyper.epsilon;
     const float alpha = alphas[step];
     // slot[row]: the row's place in its part's sums while the op runs, -1 otherwise (kept

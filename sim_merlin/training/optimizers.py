@@ -61,16 +61,21 @@ def _unwrapped(variable):
     return getattr(variable, "_variable", variable)
 
 
+def _adam_slots(optimizer, variable):
+    """``(variable, m, v)`` of a Keras Adam: the variable unwrapped, its two moment slots."""
+    key = optimizer._var_key(variable)
+    return (_unwrapped(variable), optimizer._momentums[optimizer._index_dict[key]],
+            optimizer._velocities[optimizer._index_dict[key]])
+
+
 def _fused_lazy_update(optimizer, gradient, variable) -> bool:
     """LazyAdam's update of a float32 matrix from a sparse gradient as one op
     (:mod:`sim_merlin.kernels.adam`) when it is available; False when it is not."""
     if not (variable.dtype == tf.float32 and variable.shape.rank == 2
             and fused_adam.available()):
         return False
-    key = optimizer._var_key(variable)
     fused_adam.lazy_update(
-        _unwrapped(variable), optimizer._momentums[optimizer._index_dict[key]],
-        optimizer._velocities[optimizer._index_dict[key]], gradient,
+        *_adam_slots(optimizer, variable), gradient,
         learning_rate=optimizer.learning_rate, beta_1=optimizer.beta_1,
         beta_2=optimizer.beta_2, epsilon=optimizer.epsilon,
         step=tf.cast(optimizer.iterations + 1, tf.float32),
@@ -141,18 +146,14 @@ class Adam(_MergesOwnDuplicates, tf.keras.optimizers.Adam):
         deferred = getattr(self, "_deferred", None)
         return None if deferred is None else deferred.steps.get(self._var_key(variable))
 
-    def _slots(self, variable):
-        key = self._var_key(variable)
-        return (_unwrapped(variable), self._momentums[self._index_dict[key]],
-                self._velocities[self._index_dict[key]])
-
     def catch_up(self, variable, ids) -> None:
         """Bring the rows ``ids`` of ``variable`` up to the current step (no-op for a variable
         that is not deferred)."""
         steps = self._steps(variable)
         if steps is not None:  # the rate of the pending steps (a change is refused: update_step)
-            fused_adam.catch_up(*self._slots(variable), steps, ids, self._deferred.learning_rate,
-                                self.beta_1, self.beta_2, self.epsilon, self.iterations)
+            fused_adam.catch_up(*_adam_slots(self, variable), steps, ids,
+                                self._deferred.learning_rate, self.beta_1, self.beta_2,
+                                self.epsilon, self.iterations)
 
     def mark_current(self) -> None:
         """Declare every row of the deferred tables up to date (after :meth:`synchronize`, or
@@ -173,7 +174,7 @@ class Adam(_MergesOwnDuplicates, tf.keras.optimizers.Adam):
             return
         for key, variable in deferred.tables.items():
             steps = deferred.steps[key]
-            fused_adam.catch_up(*self._slots(variable), steps,
+            fused_adam.catch_up(*_adam_slots(self, variable), steps,
                                 tf.range(tf.shape(steps)[0]), deferred.learning_rate,
                                 self.beta_1, self.beta_2, self.epsilon, self.iterations)
 
@@ -185,8 +186,9 @@ class Adam(_MergesOwnDuplicates, tf.keras.optimizers.Adam):
                     "pending; call synchronize() (Trainer.synchronize()) before changing it")
         if not isinstance(gradient, tf.IndexedSlices):  # e.g. sparse_as_dense: every row
             gradient = tf.IndexedSlices(gradient, tf.range(tf.shape(gradient)[0]))
-        fused_adam.deferred_update(*self._slots(variable), steps, gradient, learning_rate,
-                                   self.beta_1, self.beta_2, self.epsilon, self.iterations + 1)
+        fused_adam.deferred_update(*_adam_slots(self, variable), steps, gradient,
+                                   learning_rate, self.beta_1, self.beta_2, self.epsilon,
+                                   self.iterations + 1)
 
     def update_step(self, gradient, variable):
         steps = self._steps(variable)
@@ -201,11 +203,9 @@ class Adam(_MergesOwnDuplicates, tf.keras.optimizers.Adam):
             gradient = tf.math.unsorted_segment_sum(gradient.values, indices,
                                                     tf.shape(variable, out_type=indices.dtype)[0])
         step = tf.cast(self.iterations + 1, dtype)
-        key = self._var_key(variable)
-        m = self._momentums[self._index_dict[key]]
-        v = self._velocities[self._index_dict[key]]
+        table, m, v = _adam_slots(self, variable)
         tf.raw_ops.ResourceApplyAdam(
-            var=_unwrapped(variable).handle, m=_unwrapped(m).handle, v=_unwrapped(v).handle,
+            var=table.handle, m=_unwrapped(m).handle, v=_unwrapped(v).handle,
             beta1_power=tf.pow(tf.cast(self.beta_1, dtype), step),
             beta2_power=tf.pow(tf.cast(self.beta_2, dtype), step),
             lr=tf.cast(self.learning_rate, dtype), beta1=tf.cast(self.beta_1, dtype),
@@ -238,9 +238,7 @@ class LazyAdam(_MergesOwnDuplicates, tf.keras.optimizers.Adam):
         beta_1 = tf.cast(self.beta_1, dtype)
         beta_2 = tf.cast(self.beta_2, dtype)
         alpha = lr * tf.sqrt(1 - tf.pow(beta_2, step)) / (1 - tf.pow(beta_1, step))
-        key = self._var_key(variable)
-        m = self._momentums[self._index_dict[key]]
-        v = self._velocities[self._index_dict[key]]
+        _, m, v = _adam_slots(self, variable)
 
         indices = gradient.indices
         if variable.shape[0] is not None and variable.shape[0] < 2**31:

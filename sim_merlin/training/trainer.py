@@ -108,6 +108,11 @@ class Trainer:
         self._rows_pending = False
 
     @property
+    def _base_optimizer(self):
+        """The optimizer under a mixed-precision loss-scale wrapper, if any."""
+        return getattr(self.optimizer, "inner_optimizer", self.optimizer)
+
+    @property
     def _horovod(self) -> bool:
         return self.distributed is not None and self.distributed.enabled
 
@@ -117,25 +122,25 @@ class Trainer:
         labels = tf.zeros([tf.shape(next(iter(features.values())))[0]])
         self.block.loss_terms(features, labels, training=False)  # the auxiliary tower too
         self.optimizer.build(self.model.trainable_variables)
-        adam = getattr(self.optimizer, "inner_optimizer", self.optimizer)
+        adam = self._base_optimizer
         if hasattr(adam, "defer_untouched_rows") and not self.sparse_as_dense:
             self.deferred_tables = adam.defer_untouched_rows(self.model.trainable_variables)
 
     def _catch_up(self, variable, ids):
-        getattr(self.optimizer, "inner_optimizer", self.optimizer).catch_up(variable, ids)
+        self._base_optimizer.catch_up(variable, ids)
 
     def train_step(self, features, labels) -> dict:
         """One optimizer step on a batch; the losses (float32 scalars)."""
         if self.deferred_tables and not self._rows_pending:
             # Every row is up to date (or was just restored): count from the current step.
-            getattr(self.optimizer, "inner_optimizer", self.optimizer).mark_current()
+            self._base_optimizer.mark_current()
             self._rows_pending = True
         return self._compiled_train_step(features, labels)
 
     def synchronize(self) -> None:
         """Bring every row of the deferred tables up to date (a no-op when none waits)."""
         if self._rows_pending:
-            getattr(self.optimizer, "inner_optimizer", self.optimizer).synchronize()
+            self._base_optimizer.synchronize()
             self._rows_pending = False
 
     def predict_step(self, features):

@@ -33,6 +33,22 @@ def test_write_json_atomic_leaves_only_the_file(tmp_path):
     assert json.loads((tmp_path / "c.json").read_text()) == {"b": 3}
 
 
+def test_write_json_atomic_keeps_the_old_file_when_it_fails_and_clears_leftovers(tmp_path):
+    import subprocess
+    import sys
+
+    import pytest
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / f"c.json.partial-{dead.pid}").write_text("{half")  # a killed writer's
+    write_json_atomic(tmp_path / "c.json", {"a": 1})
+    with pytest.raises(TypeError):
+        write_json_atomic(tmp_path / "c.json", {"a": object()})  # not JSON
+    assert [p.name for p in tmp_path.iterdir()] == ["c.json"]
+    assert json.loads((tmp_path / "c.json").read_text()) == {"a": 1}
+
+
 def test_remove_abandoned_deletes_only_what_dead_processes_left(tmp_path):
     import subprocess
     import sys
