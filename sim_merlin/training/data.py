@@ -179,7 +179,7 @@ def _loader_class():
             buffer = super()._buff
             buffer.put_wait = QUEUE_PUT_WAIT_SECONDS
             # Rows are shuffled after conversion, as numpy arrays (_convert_df_to_tensors):
-            # permuting a pandas frame of Arrow list columns costs ~4 us per row and column.
+            # permuting a pandas frame of Arrow list columns took 0.25 s per 65,536 rows.
             buffer.shuffle = False
             return buffer
 
