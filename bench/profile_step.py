@@ -64,7 +64,8 @@ ELEMENTWISE = {"Mul", "AddV2", "Sub", "SelectV2", "Sigmoid", "Tanh", "SigmoidGra
 MOVEMENT = {"ConcatV2", "Slice", "Split", "SplitV", "Pack", "Unpack", "_MklTranspose", "Tile",
             "Transpose", "Reshape", "StridedSlice", "StridedSliceGrad", "Cast", "OneHot",
             "TopKV2", "Fill"}
-LOOKUPS = {"UnsortedSegmentSum", "ResourceGather", "GatherV2", "ScatterNd"}
+LOOKUPS = {"UnsortedSegmentSum", "ResourceGather", "GatherV2", "ScatterNd",
+           "SimMerlinEmbeddingRows", "SimMerlinEmbeddingRowsGrad"}
 
 
 def group_of(op: str) -> str:
@@ -72,12 +73,12 @@ def group_of(op: str) -> str:
     kind = op.rsplit(":", 1)[1]
     if "Adam" in op or "SGD" in op:  # incl. the deferred Adam rows' catch-up at the lookups
         return "optimizer update (incl. summing sparse rows)"
+    if kind in LOOKUPS:  # the fused lookups too
+        return "embedding lookups, gathers and their gradients"
     if kind.startswith("SimMerlin"):
         return "fused kernels (GRU, AUGRU, sigmoid MLPs; forward and gradient)"
     if "MatMul" in kind:
         return "matrix products"
-    if kind in LOOKUPS:
-        return "embedding lookups, gathers and their gradients"
     if kind in ELEMENTWISE:
         return "element-wise ops and reductions"
     if kind in MOVEMENT:
