@@ -6,26 +6,13 @@
 // with alpha = lr sqrt(1 - beta2^t) / (1 - beta1^t) (the global step t, as tfa's LazyAdam).
 // In TensorFlow ops the same takes a unique, a scatter, two gathers and three scatter updates.
 
-#define EIGEN_USE_THREADS
-
 #include <cmath>
 #include <cstdint>
 #include <vector>
 
-#include "tensorflow/core/framework/op.h"
-#include "tensorflow/core/framework/op_kernel.h"
-#include "tensorflow/core/framework/resource_var.h"
-#include "tensorflow/core/framework/shape_inference.h"
-#include "tensorflow/core/kernels/training_op_helpers.h"
-#include "parallel.h"
+#include "variable_ops.h"
 
 namespace {
-
-using tensorflow::OpKernel;
-using tensorflow::OpKernelConstruction;
-using tensorflow::OpKernelContext;
-using tensorflow::Tensor;
-using CPUDevice = Eigen::ThreadPoolDevice;
 
 REGISTER_OP("SimMerlinLazyAdam")
     .Input("var: resource")

@@ -31,7 +31,8 @@ SOURCES = (HERE / "recurrent.cc", HERE / "sigmoid_mlp.cc", HERE / "adam.cc",
 # Per-source compiler flags. deferred_adam.cc must round as TensorFlow's ApplyAdam (no FMA; a
 # square root that may set errno is not vectorized).
 SOURCE_FLAGS = {"deferred_adam.cc": ("-ffp-contract=off", "-fno-math-errno")}
-HEADERS = (HERE / "products.h", HERE / "parallel.h", HERE / "rows.h")
+HEADERS = (HERE / "products.h", HERE / "parallel.h", HERE / "rows.h",
+           HERE / "variable_ops.h")
 LIBRARY = "sim_merlin_kernels.so"
 DISABLE_VARIABLE = "SIM_MERLIN_FUSED_KERNELS"
 CACHE_VARIABLE = "SIM_MERLIN_KERNEL_CACHE"

@@ -18,8 +18,6 @@
 // A row stops moving once its m is zero (flushed to zero after some hundreds of steps, as
 // TensorFlow's threads flush denormals); then only v decays, which is cheap.
 
-#define EIGEN_USE_THREADS
-
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -28,20 +26,9 @@
 #include <mutex>
 #include <vector>
 
-#include "tensorflow/core/framework/op.h"
-#include "tensorflow/core/framework/op_kernel.h"
-#include "tensorflow/core/framework/resource_var.h"
-#include "tensorflow/core/framework/shape_inference.h"
-#include "tensorflow/core/kernels/training_op_helpers.h"
-#include "parallel.h"
+#include "variable_ops.h"
 
 namespace {
-
-using tensorflow::OpKernel;
-using tensorflow::OpKernelConstruction;
-using tensorflow::OpKernelContext;
-using tensorflow::Tensor;
-using CPUDevice = Eigen::ThreadPoolDevice;
 
 tensorflow::Status NoOutputs(tensorflow::shape_inference::InferenceContext*) {
   return tensorflow::Status();
@@ -162,7 +149,17 @@ class AdamKernel : public OpKernel {
     OP_REQUIRES_OK(context, context->GetAttr("threads", &threads_));
   }
 
+  // Locks the table's four variables (inputs 0-3, in TensorFlow's order) for the whole op.
+  void Compute(OpKernelContext* context) final {
+    auto locks = tensorflow::MaybeLockVariableInputMutexesInOrder<CPUDevice, float>(
+        context, /*do_lock=*/true, /*sparse=*/false, {0, 1, 2, 3});
+    Table table;
+    if (Variables(context, &table)) Run(context, table);
+  }
+
  protected:
+  virtual void Run(OpKernelContext* context, Table& table) = 0;
+
   // Locks (by the caller) and reads the four variables (inputs 0-3); false after an error.
   bool Variables(OpKernelContext* context, Table* table) {
     for (int i = 0; i < 3; ++i) {
@@ -259,11 +256,7 @@ class CatchUpOp : public AdamKernel {
  public:
   using AdamKernel::AdamKernel;
 
-  void Compute(OpKernelContext* context) override {
-    auto locks = tensorflow::MaybeLockVariableInputMutexesInOrder<CPUDevice, float>(
-        context, /*do_lock=*/true, /*sparse=*/false, {0, 1, 2, 3});
-    Table table;
-    if (!Variables(context, &table)) return;
+  void Run(OpKernelContext* context, Table& table) override {
     tensorflow::OpInputList lists;
     OP_REQUIRES_OK(context, context->input_list("indices", &lists));
     const int first_scalar = 4 + lists.size();
@@ -319,11 +312,7 @@ class DeferredAdamOp : public AdamKernel {
  public:
   using AdamKernel::AdamKernel;
 
-  void Compute(OpKernelContext* context) override {
-    auto locks = tensorflow::MaybeLockVariableInputMutexesInOrder<CPUDevice, float>(
-        context, true, false, {0, 1, 2, 3});
-    Table table;
-    if (!Variables(context, &table)) return;
+  void Run(OpKernelContext* context, Table& table) override {
     const Tensor& indices = context->input(4);
     const Tensor& values = context->input(5);
     const int64_t n = indices.NumElements(), width = table.width;

@@ -10,8 +10,6 @@
 // gradient (Python, sim_merlin/kernels/embedding_rows.py) is one IndexedSlices per table, as a
 // gather's.
 
-#define EIGEN_USE_THREADS
-
 #include <immintrin.h>
 
 #include <algorithm>
@@ -21,21 +19,10 @@
 #include <memory>
 #include <vector>
 
-#include "tensorflow/core/framework/op.h"
-#include "tensorflow/core/framework/op_kernel.h"
+#include "variable_ops.h"  // first: it sets EIGEN_USE_THREADS
 #include "tensorflow/core/framework/resource_mgr.h"
-#include "tensorflow/core/framework/resource_var.h"
-#include "tensorflow/core/framework/shape_inference.h"
-#include "tensorflow/core/kernels/training_op_helpers.h"
-#include "parallel.h"
 
 namespace {
-
-using tensorflow::OpKernel;
-using tensorflow::OpKernelConstruction;
-using tensorflow::OpKernelContext;
-using tensorflow::Tensor;
-using CPUDevice = Eigen::ThreadPoolDevice;
 
 REGISTER_OP("SimMerlinEmbeddingRows")
     .Input("tables: N * resource")   // float32 [rows_k, widths[k]]
