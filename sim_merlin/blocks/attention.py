@@ -20,7 +20,7 @@ import merlin.models.tf as mm
 import tensorflow as tf
 
 from sim_merlin.blocks.sequence import dense_sequence
-from sim_merlin.kernels import model_ops, sigmoid_mlp as fused_mlp
+from sim_merlin.kernels import dot_attention as fused_dot, model_ops, sigmoid_mlp as fused_mlp
 
 SCORINGS = ("dot", "din")
 
@@ -54,6 +54,7 @@ class TargetAttention(mm.Block):
     then implied), ``mask`` [batch, length] (non-zero = a real behaviour; optional for ragged keys).
     Output: the weighted sum of the keys, [batch, dim]; with ``return_weights=True`` also the
     weights [batch, length], exactly 0 on padding. A row with no valid behaviour gives zeros.
+    Padded keys get weight 0 and a zero gradient, so they need not be zeroed.
     """
 
     def __init__(
@@ -121,6 +122,11 @@ class TargetAttention(mm.Block):
             mask = rest[0] if rest else mask
         keys, mask = dense_sequence(keys, mask)
         mask = tf.cast(mask, tf.bool)
+        if (self.scoring == "dot" and self.normalize and keys.dtype in fused_dot.DTYPES
+                and model_ops.available()):
+            # One op each way (sim_merlin.kernels.dot_attention): the same function.
+            pooled, weights = fused_dot.dot_attention(query, keys, mask)
+            return (pooled, weights) if return_weights else pooled
         scores = self.scores(query, keys)
         if self.normalize:
             weights = masked_softmax(scores, mask)

@@ -114,9 +114,9 @@ class SequenceLayout:
 
 
 
-OUTPUTS = ("user", "target", "history", "history_mask", "long", "long_mask", "short",
-           "short_mask", "negative", "short_negative", "target_search_key", "long_search_keys",
-           "long_unmasked")
+OUTPUTS = ("user", "target", "history", "history_mask", "history_unmasked", "long", "long_mask",
+           "long_unmasked", "short", "short_mask", "negative", "short_negative",
+           "target_search_key", "long_search_keys")
 
 
 def _fused_lookups(tables) -> bool:
@@ -139,9 +139,9 @@ class BehaviourEmbeddings(SchemaConfigMixin, mm.Block):
     ``long_mask``; ``short`` [B, S, F_i*E] and ``short_mask``; the whole ``history``
     [B, L, F_i*E] and ``history_mask``; ``negative`` [B, L, F_i*E] and ``short_negative``
     [B, S, F_i*E] (when the schema has a negative history); ``target_search_key`` [B] and
-    ``long_search_keys`` [B, L-S] (ids of the hard-search feature); ``long_unmasked``: ``long``
-    with the padded steps not zeroed, for a consumer that gives them zero weight itself (no
-    mask product over the long history, nor its gradient). ``outputs=`` in the call
+    ``long_search_keys`` [B, L-S] (ids of the hard-search feature); ``long_unmasked`` and
+    ``history_unmasked``: ``long`` and ``history`` with the padded steps not zeroed, for a
+    consumer that gives them zero weight itself (no mask product, nor its gradient). ``outputs=`` in the call
     limits the dict to the keys a model reads (each lookup costs time even if unused).
     """
 
@@ -222,6 +222,7 @@ class BehaviourEmbeddings(SchemaConfigMixin, mm.Block):
         masks = {"history_mask": mask, "long_mask": long_mask, "short_mask": short_mask}
         out.update((key, value) for key, value in masks.items() if key in wanted)
         sequences = {"history": (ids, layout.history, mask),
+                     "history_unmasked": (ids, layout.history, None),
                      "long": (long_ids, layout.history, long_mask),
                      "long_unmasked": (long_ids, layout.history, None),
                      "short": (short_ids, layout.history, short_mask),

@@ -27,7 +27,8 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 SOURCES = (HERE / "recurrent.cc", HERE / "sigmoid_mlp.cc", HERE / "adam.cc",
-           HERE / "deferred_adam.cc", HERE / "embedding_rows.cc")
+           HERE / "deferred_adam.cc", HERE / "embedding_rows.cc",
+           HERE / "dot_attention.cc")
 # Per-source compiler flags. deferred_adam.cc must round as TensorFlow's ApplyAdam (no FMA; a
 # square root that may set errno is not vectorized).
 SOURCE_FLAGS = {"deferred_adam.cc": ("-ffp-contract=off", "-fno-math-errno")}

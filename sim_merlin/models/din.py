@@ -48,8 +48,10 @@ class DINBlock(SchemaConfigMixin, mm.Block):
         self.mlp = LogitMLP(self.mlp_dims, self.dropout_rate)
 
     def call(self, inputs, training=False):
-        e = self.embeddings(inputs, outputs=("user", "target", "history", "history_mask"))
-        pooled = self.attention(e["target"], e["history"], e["history_mask"])
+        # The attention gives padded steps weight 0 (and them no gradient): the history's
+        # padding need not be zeroed first.
+        e = self.embeddings(inputs, outputs=("user", "target", "history_unmasked", "history_mask"))
+        pooled = self.attention(e["target"], e["history_unmasked"], e["history_mask"])
         return self.mlp(tf.concat([e["target"], pooled, e["user"]], axis=-1), training=training)
 
     def loss_terms(self, inputs, labels, training=False) -> dict:

@@ -126,8 +126,9 @@ def test_only_the_outputs_asked_for_are_computed():
     # Two item features: one gather per feature and per embedded input.
     assert _gathers(layer, batch, ("target",)) == 2
     assert _gathers(layer, batch, ("target", "short", "short_mask")) == 4
-    # user; target and 6 sequences (history, long, long_unmasked, short and 2 negatives)
-    assert _gathers(layer, batch, None) == 1 + 2 * 7
+    # user; target and 7 sequences (history, history_unmasked, long, long_unmasked, short and
+    # 2 negatives)
+    assert _gathers(layer, batch, None) == 1 + 2 * 8
     with pytest.raises(ValueError, match="unknown outputs"):
         layer(batch, outputs=("shorts",))
 
@@ -159,9 +160,9 @@ def test_fused_lookups_give_the_bits_and_gradients_of_the_plain_ones(policy):
             plain, plain_grads = run()
     finally:
         tf.keras.mixed_precision.set_global_policy(previous)
-    assert _gathers(layer, batch, None) == 1 + 2 * 7
+    assert _gathers(layer, batch, None) == 1 + 2 * 8
     graph = tf.function(lambda b: layer(b)).get_concrete_function(batch).graph
-    assert sum(op.type == "SimMerlinEmbeddingRows" for op in graph.get_operations()) == 1 + 7
+    assert sum(op.type == "SimMerlinEmbeddingRows" for op in graph.get_operations()) == 1 + 8
     for key, value in plain.items():
         assert fused[key].dtype == value.dtype, key
         np.testing.assert_array_equal(fused[key].numpy(), value.numpy(), key)

@@ -1,4 +1,6 @@
 """SIM, DIN and DIEN: reference parameter counts; fit, save, reload through the Merlin dataloader."""
+import contextlib
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -182,3 +184,56 @@ def test_sim_reads_the_long_history_unmasked_with_the_same_values_and_gradients(
     for got, want in zip(outputs + [gradient], masked_outputs + [masked_gradient]):
         np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-6, atol=1e-7)
     assert np.abs(gradient.numpy()).sum() > 0
+
+
+@pytest.mark.parametrize("options", [{"reference_compatible": True}, {"attention": "din"},
+                                     {"attention": "din", "normalize": True}])
+@pytest.mark.parametrize("plain", [False, True])
+def test_din_reads_the_history_unmasked_with_the_same_values_and_gradients(options, plain):
+    # DIN's attention weights padded steps by exactly zero (fused dot-product op or TensorFlow
+    # ops), so it reads the history without zeroing them first: the logit and the gradients of
+    # every variable are those computed from the zeroed history.
+    from sim_merlin.kernels import model_ops
+
+    schema = sample_schema({"item_id": 60, "category_id": 7}, {"user_id": 30}, 12)
+    rng = np.random.default_rng(4)
+    history = rng.integers(1, 60, (8, 12))
+    history[:, :5] = 0  # left padding
+    history[3] = 0      # a row without any behaviour
+    batch = {"user_id": tf.constant(rng.integers(1, 30, 8)),
+             "item_id": tf.constant(rng.integers(1, 60, 8)),
+             "category_id": tf.constant(rng.integers(1, 7, 8)),
+             "item_id_history": tf.constant(history),
+             "category_id_history": tf.constant(np.where(history > 0, history % 7, 0))}
+    block = DINBlock(schema, embedding_dim=4, **options)
+    block(batch)
+    weights = tf.constant(rng.normal(size=(8, 1)), tf.float32)
+
+    def run(unmasked):
+        embeddings = block.embeddings
+        original = embeddings.call
+
+        def call(inputs, outputs=None, training=False):
+            out = original(inputs, outputs=("user", "target", "history", "history_unmasked",
+                                            "history_mask"), training=training)
+            if not unmasked:
+                out["history_unmasked"] = out["history"]
+            return out
+
+        embeddings.call = call
+        try:
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_sum(block(batch) * weights)
+            grads = tape.gradient(loss, block.trainable_variables)
+        finally:
+            embeddings.call = original
+        return [loss] + [tf.convert_to_tensor(g) for g in grads]
+
+    context = model_ops.plain_ops() if plain else contextlib.nullcontext()
+    with context:
+        got, want = run(True), run(False)
+    both = block.embeddings(batch, outputs=("history", "history_unmasked"))
+    assert not np.array_equal(both["history_unmasked"].numpy(), both["history"].numpy())
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g.numpy(), w.numpy(), rtol=1e-6, atol=1e-7)
+    assert all(np.abs(g.numpy()).sum() > 0 for g in got[1:])
