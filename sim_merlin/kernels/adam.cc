@@ -42,12 +42,9 @@ class LazyAdamOp : public OpKernel {
     auto locks = tensorflow::MaybeLockVariableInputMutexesInOrder<CPUDevice, float>(
         context, /*do_lock=*/true, /*sparse=*/false, {0, 1, 2});
     Tensor var, m, v;
-    OP_REQUIRES_OK(context, tensorflow::GetInputTensorFromVariable<CPUDevice, float>(
-                                context, 0, /*lock_held=*/true, /*sparse=*/false, &var));
-    OP_REQUIRES_OK(context, tensorflow::GetInputTensorFromVariable<CPUDevice, float>(
-                                context, 1, true, false, &m));
-    OP_REQUIRES_OK(context, tensorflow::GetInputTensorFromVariable<CPUDevice, float>(
-                                context, 2, true, false, &v));
+    OP_REQUIRES_OK(context, UpdatableVariable<float>(context, 0, &var));
+    OP_REQUIRES_OK(context, UpdatableVariable<float>(context, 1, &m));
+    OP_REQUIRES_OK(context, UpdatableVariable<float>(context, 2, &v));
     OP_REQUIRES(context, var.dims() == 2 && m.shape() == var.shape() && v.shape() == var.shape(),
                 tensorflow::errors::InvalidArgument(
                     "var, m and v must be matrices of one shape, got ", var.shape().DebugString(),

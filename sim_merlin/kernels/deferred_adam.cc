@@ -162,20 +162,15 @@ class AdamKernel : public OpKernel {
 
   // Locks (by the caller) and reads the four variables (inputs 0-3); false after an error.
   bool Variables(OpKernelContext* context, Table* table) {
-    for (int i = 0; i < 3; ++i) {
-      Tensor* target = i == 0 ? &table->var : i == 1 ? &table->m : &table->v;
-      auto status = tensorflow::GetInputTensorFromVariable<CPUDevice, float>(
-          context, i, /*lock_held=*/true, /*sparse=*/false, target);
+    for (int i = 0; i < 4; ++i) {
+      Tensor* target = i == 0 ? &table->var : i == 1 ? &table->m : i == 2 ? &table->v
+                                                                           : &table->steps;
+      auto status = i < 3 ? UpdatableVariable<float>(context, i, target)
+                          : UpdatableVariable<int32_t>(context, i, target);
       if (!status.ok()) {
         context->SetStatus(status);
         return false;
       }
-    }
-    auto status = tensorflow::GetInputTensorFromVariable<CPUDevice, int32_t>(
-        context, 3, true, false, &table->steps);
-    if (!status.ok()) {
-      context->SetStatus(status);
-      return false;
     }
     const Tensor& var = table->var;
     if (var.dims() != 2 || table->m.shape() != var.shape() || table->v.shape() != var.shape() ||

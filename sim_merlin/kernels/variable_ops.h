@@ -24,4 +24,23 @@ using tensorflow::OpKernelContext;
 using tensorflow::Tensor;
 using CPUDevice = Eigen::ThreadPoolDevice;
 
+// The tensor of variable input `input`, to be updated in place; the caller holds the variable's
+// mutex exclusively (MaybeLockVariableInputMutexesInOrder with do_lock). TensorFlow's dense
+// update path (GetInputTensorFromVariable, sparse=false) copies the whole tensor whenever the
+// variable is in copy-on-read mode, which every gather (and SimMerlinEmbeddingRows) puts an
+// embedding table in: a copy of the table at every step. In that mode no read keeps a
+// reference to the buffer (dense reads copy it under the lock), so the copy is needed only when
+// the buffer is shared, as for any variable: TensorFlow's copy when its reference count is not one.
+template <typename T>
+tensorflow::Status UpdatableVariable(OpKernelContext* context, int input, Tensor* out) {
+  tensorflow::core::RefCountPtr<tensorflow::Var> var;
+  TF_RETURN_IF_ERROR(tensorflow::LookupResource(
+      context, tensorflow::HandleFromInput(context, input), &var));
+  var->mu()->assert_held();
+  TF_RETURN_IF_ERROR(tensorflow::PrepareToUpdateVariable<CPUDevice, T>(
+      context, var->tensor(), /*copy_on_read_mode=*/false));
+  *out = *var->tensor();
+  return tensorflow::Status();
+}
+
 }  // namespace

@@ -122,6 +122,32 @@ def test_rows_outside_the_table_and_rows_ahead_are_named():
                       BETA_1, BETA_2, EPSILON, 1)
 
 
+@pytest.mark.parametrize("looked_up_first", [False, True])
+def test_updates_in_place_never_change_a_value_read_before_them(looked_up_first):
+    # The ops update the tables in place (no copy of the table per step, which TensorFlow's
+    # dense path makes once a gather has put the table in copy-on-read mode); a value read
+    # densely before the update keeps its numbers, whether the read shares the table's buffer
+    # (not yet looked up: the update copies first) or copied it (copy-on-read mode).
+    from sim_merlin.kernels import embedding_rows
+
+    initial = np.arange(24, dtype=np.float32).reshape(6, 4) / 10
+    variables = table(initial)
+    steps = tf.Variable(tf.zeros([6], tf.int32))
+    if looked_up_first:
+        embedding_rows.embedding_rows([variables[0]], [tf.constant([1, 2])])
+    before = [variables[0].value(), variables[1].value()]
+    gradient = tf.IndexedSlices(tf.ones([2, 4]), tf.constant([1, 4]))
+    adam.deferred_update(*variables, steps, gradient, LR, BETA_1, BETA_2, EPSILON, 1)
+    adam.catch_up(*variables, steps, tf.constant([1, 4]), LR, BETA_1, BETA_2, EPSILON, 1)
+    adam.lazy_update(*variables, gradient, LR, BETA_1, BETA_2, EPSILON, 2)
+    np.testing.assert_array_equal(before[0].numpy(), initial)
+    np.testing.assert_array_equal(before[1].numpy(), np.zeros_like(initial))
+    after = variables[0].numpy()
+    assert not np.array_equal(after[[1, 4]], initial[[1, 4]])
+    np.testing.assert_array_equal(np.delete(after, [1, 4], axis=0),
+                                  np.delete(initial, [1, 4], axis=0))
+
+
 def test_own_threads_give_the_bits_of_dense_adam(run_with_one_intra_op_thread):
     """With a one-thread intra-op pool the ops split the rows over threads of their own (rows
     by residue); the result is still dense Adam's, bit for bit."""
