@@ -1,21 +1,24 @@
-// Dot-product softmax attention of a target over a behaviour sequence, as one op
-// (sim_merlin.kernels).
+// Dot-product attention reads of a behaviour sequence, as one op each way (sim_merlin.kernels).
 //
-// For each sample b, with query q [D], keys k [L, D] and mask m [L]:
-//   s_t = <k_t, q>;  w = softmax of s over the steps where m_t holds (0 elsewhere, and 0 on a
-//   row with no such step);  pooled = sum_t w_t k_t.
-// In TensorFlow ops that is two batched matrix-vector products, a select, a softmax and a select
-// forward, and backward twice as many ops plus the sum of the keys' two gradients, each a pass
-// over [B, L, D] (the reference's DIN attention and SIM's exact search unit). Here one pass per
-// sample with its keys in cache. The gradient kernel recomputes w and returns
-//   g_t = <dpooled, k_t> + dweights_t;  ds_t = w_t (g_t - sum_u w_u g_u);
-//   dq = sum_t ds_t k_t;  dk_t = w_t dpooled + ds_t q.
-// The arithmetic is float32; bfloat16 inputs are widened exactly, outputs rounded to nearest even
-// (rows.h), so scores and weights are not rounded to bfloat16 between the steps as TensorFlow's
-// ops under mixed_bfloat16 round them.
+// For each sample b, with query q [D], keys k [L, D] and H masks m_h [L] (a "head" each):
+//   s_t = <k_t, q>;  w_h = softmax of s over the steps where m_h holds (0 elsewhere, and 0 on
+//   a row with no such step) when normalize[h], else w_h = m_h as 0/1 weights (a masked sum);
+//   read_h = sum_t w_h,t k_t.
+// DIN's and SIM's exact search unit's attention (H = 1), and SIM's three reads of its long
+// history (stage one's attention over the valid steps, the ESU's over the selected ones, the sum
+// of the selected ones). In TensorFlow ops each step of it is a pass over the [B, L, D] keys and
+// the keys' gradient is a sum of several; here one pass per sample with its keys in cache. The
+// gradient kernel recomputes the weights and returns, with g_h = k dread_h + dweights_h,
+//   ds = sum over normalized heads of w_h (g_h - <w_h, g_h>);
+//   dq = sum_t ds_t k_t;  dk_t = sum_h w_h,t dread_h + ds_t q.
+// (The weights of a masked-sum head are constants: its dweights has no effect.) The arithmetic
+// is float32; bfloat16 inputs are widened exactly, outputs rounded to nearest even (rows.h), so
+// scores and weights are not rounded to bfloat16 between the steps as TensorFlow's ops under
+// mixed_bfloat16 round them.
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -37,13 +40,12 @@ using tensorflow::shape_inference::InferenceContext;
 using tensorflow::shape_inference::ShapeHandle;
 
 using sim_merlin::Bfloat16;
-using sim_merlin::InputRows;
-using sim_merlin::OutputRows;
-using sim_merlin::StoreRows;
 
 using Keys = Eigen::Map<const Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic,
                                             Eigen::RowMajor>>;
 using KeysOut = Eigen::Map<Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>>;
+using ConstRows = Eigen::Map<const Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic,
+                                                 Eigen::RowMajor>>;  // [H, L] or [H, D]
 using Vector = Eigen::Map<Eigen::VectorXf>;
 using ConstVector = Eigen::Map<const Eigen::VectorXf>;
 
@@ -51,35 +53,41 @@ constexpr int64_t kSamplesPerBlock = 32;  // a block's keys (32 x 100 x 32 float
 
 REGISTER_OP("SimMerlinDotAttention")
     .Attr("T: {float, bfloat16}")
+    .Attr("normalize: list(bool) >= 1")  // per head: softmax weights, or the mask as weights
     .Attr("threads: int = 0")  // > 1: own threads when the intra-op pool has one (parallel.h)
     .Input("query: T")         // [B, D]
     .Input("keys: T")          // [B, L, D]
-    .Input("mask: bool")       // [B, L]
-    .Output("pooled: T")       // [B, D]
-    .Output("weights: T")      // [B, L]
+    .Input("masks: bool")      // [B, H, L]
+    .Output("reads: T")        // [B, H, D]
+    .Output("weights: T")      // [B, H, L]
     .SetShapeFn([](InferenceContext* c) {
-      ShapeHandle query, keys, mask;
+      ShapeHandle query, keys, masks;
       TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 2, &query));
       TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 3, &keys));
-      TF_RETURN_IF_ERROR(c->WithRank(c->input(2), 2, &mask));
-      DimensionHandle batch, length, dim;
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(2), 3, &masks));
+      std::vector<bool> normalize;
+      TF_RETURN_IF_ERROR(c->GetAttr("normalize", &normalize));
+      DimensionHandle batch, heads, length, dim;
       TF_RETURN_IF_ERROR(c->Merge(c->Dim(query, 0), c->Dim(keys, 0), &batch));
-      TF_RETURN_IF_ERROR(c->Merge(batch, c->Dim(mask, 0), &batch));
-      TF_RETURN_IF_ERROR(c->Merge(c->Dim(keys, 1), c->Dim(mask, 1), &length));
+      TF_RETURN_IF_ERROR(c->Merge(batch, c->Dim(masks, 0), &batch));
+      TF_RETURN_IF_ERROR(c->Merge(c->Dim(masks, 1),
+                                  c->MakeDim(static_cast<int64_t>(normalize.size())), &heads));
+      TF_RETURN_IF_ERROR(c->Merge(c->Dim(keys, 1), c->Dim(masks, 2), &length));
       TF_RETURN_IF_ERROR(c->Merge(c->Dim(query, 1), c->Dim(keys, 2), &dim));
-      c->set_output(0, c->Matrix(batch, dim));
-      c->set_output(1, c->Matrix(batch, length));
+      c->set_output(0, c->MakeShape({batch, heads, dim}));
+      c->set_output(1, c->MakeShape({batch, heads, length}));
       return Status();
     });
 
 REGISTER_OP("SimMerlinDotAttentionGrad")
     .Attr("T: {float, bfloat16}")
+    .Attr("normalize: list(bool) >= 1")
     .Attr("threads: int = 0")
     .Input("query: T")
     .Input("keys: T")
-    .Input("mask: bool")
-    .Input("pooled_grad: T")   // [B, D]
-    .Input("weights_grad: T")  // [B, L]
+    .Input("masks: bool")
+    .Input("reads_grad: T")    // [B, H, D]
+    .Input("weights_grad: T")  // [B, H, L]
     .Output("query_grad: T")   // [B, D]
     .Output("keys_grad: T")    // [B, L, D]
     .SetShapeFn([](InferenceContext* c) {
@@ -88,113 +96,161 @@ REGISTER_OP("SimMerlinDotAttentionGrad")
       return Status();
     });
 
-// The softmax weights w [L] of one sample from its scores s [L] (overwritten) and mask.
-inline void MaskedSoftmax(const bool* mask, int64_t length, float* scores) {
-  float top = -std::numeric_limits<float>::infinity();
-  for (int64_t t = 0; t < length; ++t) {
-    if (mask[t]) top = std::max(top, scores[t]);
-  }
-  Vector values(scores, length);
-  values = (values.array() - top).exp();  // vectorised; padding is zeroed next, not multiplied
-  float total = 0.0f;
-  for (int64_t t = 0; t < length; ++t) {
-    if (!mask[t]) scores[t] = 0.0f;
-    total += scores[t];
-  }
-  if (total > 0.0f) values *= 1.0f / total;
+using Floats = Eigen::Map<Eigen::ArrayXf>;
+using ConstFloats = Eigen::Map<const Eigen::ArrayXf>;
+
+// A mask [L] as 0/1 floats (masks are random-looking, e.g. a search's selection: branches on
+// them would be mispredicted; these loops have none).
+inline void MaskFloats(const bool* mask, int64_t length, float* out) {
+  for (int64_t t = 0; t < length; ++t) out[t] = static_cast<float>(mask[t]);
+}
+
+// The softmax over the steps where `mask` [L] (0/1) is 1 of `scores` [L], into `weights`:
+// 0 elsewhere, and everywhere when no step is.
+inline void MaskedSoftmax(const float* mask, const float* scores, int64_t length,
+                          float* weights) {
+  const ConstFloats valid(mask, length), score(scores, length);
+  const float lowest = -std::numeric_limits<float>::infinity();
+  const float top = (valid > 0.0f).select(score, lowest).maxCoeff();
+  Floats w(weights, length);
+  // exp(score - top) also runs on the padded steps (where it may overflow): selected away.
+  w = (valid > 0.0f).select((score - top).exp(), 0.0f);
+  const float total = w.sum();
+  if (total > 0.0f) w *= 1.0f / total;
 }
 
 struct Sizes {
-  int64_t batch = 0, length = 0, dim = 0;
+  int64_t batch = 0, heads = 0, length = 0, dim = 0;
 };
 
-// Checks the shapes of query, keys and mask (inputs 0, 1, 2).
-inline Status ReadSizes(OpKernelContext* context, Sizes* sizes) {
+// Checks the shapes of query, keys and masks (inputs 0, 1, 2) against the heads' count.
+inline Status ReadSizes(OpKernelContext* context, int64_t heads, Sizes* sizes) {
   const Tensor& query = context->input(0);
   const Tensor& keys = context->input(1);
-  const Tensor& mask = context->input(2);
-  if (query.dims() != 2 || keys.dims() != 3 || mask.dims() != 2) {
+  const Tensor& masks = context->input(2);
+  if (query.dims() != 2 || keys.dims() != 3 || masks.dims() != 3) {
     return tensorflow::errors::InvalidArgument(
-        "dot attention takes query [B, D], keys [B, L, D], mask [B, L]; got ",
+        "dot attention takes query [B, D], keys [B, L, D], masks [B, H, L]; got ",
         query.shape().DebugString(), ", ", keys.shape().DebugString(), ", ",
-        mask.shape().DebugString());
+        masks.shape().DebugString());
   }
   sizes->batch = keys.dim_size(0);
+  sizes->heads = heads;
   sizes->length = keys.dim_size(1);
   sizes->dim = keys.dim_size(2);
   if (query.dim_size(0) != sizes->batch || query.dim_size(1) != sizes->dim ||
-      mask.dim_size(0) != sizes->batch || mask.dim_size(1) != sizes->length) {
+      masks.dim_size(0) != sizes->batch || masks.dim_size(1) != heads ||
+      masks.dim_size(2) != sizes->length) {
     return tensorflow::errors::InvalidArgument(
-        "dot attention: query ", query.shape().DebugString(), " and mask ",
-        mask.shape().DebugString(), " do not match keys ", keys.shape().DebugString());
+        "dot attention: query ", query.shape().DebugString(), " and masks ",
+        masks.shape().DebugString(), " do not match keys ", keys.shape().DebugString(),
+        " and ", heads, " heads");
   }
   return Status();
 }
 
-template <typename T>
-class DotAttentionOp : public tensorflow::OpKernel {
- public:
-  explicit DotAttentionOp(OpKernelConstruction* context) : OpKernel(context) {
-    OP_REQUIRES_OK(context, context->GetAttr("threads", &threads_));
+// The weights [L] of one head of one sample from its scores [L] and mask [L] (0/1).
+inline void HeadWeights(bool normalize, const float* scores, const float* mask,
+                        int64_t length, float* weights) {
+  if (normalize) {
+    MaskedSoftmax(mask, scores, length, weights);
+  } else {
+    std::copy(mask, mask + length, weights);
   }
+}
+
+// The attributes both kernels read.
+class DotAttentionKernel : public tensorflow::OpKernel {
+ public:
+  explicit DotAttentionKernel(OpKernelConstruction* context) : OpKernel(context) {
+    OP_REQUIRES_OK(context, context->GetAttr("threads", &threads_));
+    OP_REQUIRES_OK(context, context->GetAttr("normalize", &normalize_));
+  }
+
+ protected:
+  int threads_ = 0;
+  std::vector<bool> normalize_;
+};
+
+// One sample's values as float32 in `buffer` (allocated once per block by Eigen, aligned): the
+// kernels' sums then never depend on where a sample sits in memory (Eigen's vectorised sums
+// start differently at different alignments), so a sample's results are the same in any batch
+// and any block. One sample's keys at a time stay in L1, where a block's would not.
+inline const float* Sample(const float* source, int64_t count, Eigen::VectorXf* buffer) {
+  std::memcpy(buffer->data(), source, count * sizeof(float));
+  return buffer->data();
+}
+inline const float* Sample(const Bfloat16* source, int64_t count, Eigen::VectorXf* buffer) {
+  sim_merlin::ToFloat(source, count, buffer->data());
+  return buffer->data();
+}
+inline void Store(const Eigen::VectorXf& values, float* target) {
+  std::memcpy(target, values.data(), values.size() * sizeof(float));
+}
+inline void Store(const Eigen::VectorXf& values, Bfloat16* target) {
+  sim_merlin::ToBfloat16(values.data(), values.size(), target);
+}
+
+template <typename T>
+class DotAttentionOp : public DotAttentionKernel {
+ public:
+  using DotAttentionKernel::DotAttentionKernel;
 
   void Compute(OpKernelContext* context) override {
     Sizes n;
-    OP_REQUIRES_OK(context, ReadSizes(context, &n));
-    Tensor* pooled = nullptr;
+    OP_REQUIRES_OK(context, ReadSizes(context, normalize_.size(), &n));
+    Tensor* reads = nullptr;
     Tensor* weights = nullptr;
-    OP_REQUIRES_OK(context, context->allocate_output(0, TensorShape({n.batch, n.dim}), &pooled));
-    OP_REQUIRES_OK(context,
-                   context->allocate_output(1, TensorShape({n.batch, n.length}), &weights));
+    OP_REQUIRES_OK(context, context->allocate_output(0, TensorShape({n.batch, n.heads, n.dim}),
+                                                     &reads));
+    OP_REQUIRES_OK(context, context->allocate_output(
+                                1, TensorShape({n.batch, n.heads, n.length}), &weights));
     const T* query = context->input(0).flat<T>().data();
     const T* keys = context->input(1).flat<T>().data();
-    const bool* mask = context->input(2).flat<bool>().data();
-    T* pooled_out = pooled->flat<T>().data();
+    const bool* masks = context->input(2).flat<bool>().data();
+    T* reads_out = reads->flat<T>().data();
     T* weights_out = weights->flat<T>().data();
-    const int64_t per_sample = n.length * n.dim;
+    const int64_t per_sample = n.length * n.dim, reads_size = n.heads * n.dim,
+                  weights_size = n.heads * n.length;
     sim_merlin::ForEachRowBlock(
-        context, threads_, n.batch, kSamplesPerBlock, 6 * per_sample,
+        context, threads_, n.batch, kSamplesPerBlock, (2 + 2 * n.heads) * per_sample,
         [&](int64_t begin, int64_t end) {
-          const int64_t rows = end - begin;
-          std::vector<float> key_buffer, query_buffer, pooled_buffer, weight_buffer;
-          const float* k = InputRows(keys + begin * per_sample, rows * per_sample, &key_buffer);
-          const float* q = InputRows(query + begin * n.dim, rows * n.dim, &query_buffer);
-          float* p = OutputRows(pooled_out + begin * n.dim, rows * n.dim, &pooled_buffer);
-          float* w = OutputRows(weights_out + begin * n.length, rows * n.length, &weight_buffer);
-          for (int64_t r = 0; r < rows; ++r) {
-            const Keys key(k + r * per_sample, n.length, n.dim);
-            const bool* valid = mask + (begin + r) * n.length;
-            Vector weight(w + r * n.length, n.length);
-            weight.noalias() = key * ConstVector(q + r * n.dim, n.dim);
-            MaskedSoftmax(valid, n.length, weight.data());
-            Vector(p + r * n.dim, n.dim).noalias() = key.transpose() * weight;
+          Eigen::VectorXf key_buffer(per_sample), query_buffer(n.dim), scores(n.length),
+              mask(n.length), w(weights_size), read(reads_size);
+          for (int64_t b = begin; b < end; ++b) {
+            const Keys key(Sample(keys + b * per_sample, per_sample, &key_buffer), n.length,
+                           n.dim);
+            scores.noalias() = key * ConstVector(Sample(query + b * n.dim, n.dim, &query_buffer),
+                                                 n.dim);
+            for (int64_t h = 0; h < n.heads; ++h) {
+              MaskFloats(masks + (b * n.heads + h) * n.length, n.length, mask.data());
+              float* wh = w.data() + h * n.length;
+              HeadWeights(normalize_[h], scores.data(), mask.data(), n.length, wh);
+              Vector(read.data() + h * n.dim, n.dim).noalias() =
+                  key.transpose() * ConstVector(wh, n.length);
+            }
+            Store(read, reads_out + b * reads_size);
+            Store(w, weights_out + b * weights_size);
           }
-          StoreRows(p, rows * n.dim, pooled_out + begin * n.dim);
-          StoreRows(w, rows * n.length, weights_out + begin * n.length);
         });
   }
-
- private:
-  int threads_ = 0;
 };
 
 template <typename T>
-class DotAttentionGradOp : public tensorflow::OpKernel {
+class DotAttentionGradOp : public DotAttentionKernel {
  public:
-  explicit DotAttentionGradOp(OpKernelConstruction* context) : OpKernel(context) {
-    OP_REQUIRES_OK(context, context->GetAttr("threads", &threads_));
-  }
+  using DotAttentionKernel::DotAttentionKernel;
 
   void Compute(OpKernelContext* context) override {
     Sizes n;
-    OP_REQUIRES_OK(context, ReadSizes(context, &n));
-    const Tensor& pooled_grad = context->input(3);
+    OP_REQUIRES_OK(context, ReadSizes(context, normalize_.size(), &n));
+    const Tensor& reads_grad = context->input(3);
     const Tensor& weights_grad = context->input(4);
     OP_REQUIRES(context,
-                pooled_grad.shape() == TensorShape({n.batch, n.dim}) &&
-                    weights_grad.shape() == TensorShape({n.batch, n.length}),
+                reads_grad.shape() == TensorShape({n.batch, n.heads, n.dim}) &&
+                    weights_grad.shape() == TensorShape({n.batch, n.heads, n.length}),
                 tensorflow::errors::InvalidArgument(
-                    "dot attention gradient: pooled_grad ", pooled_grad.shape().DebugString(),
+                    "dot attention gradient: reads_grad ", reads_grad.shape().DebugString(),
                     " / weights_grad ", weights_grad.shape().DebugString(),
                     " do not match the outputs' shapes"));
     Tensor* query_grad = nullptr;
@@ -203,49 +259,49 @@ class DotAttentionGradOp : public tensorflow::OpKernel {
     OP_REQUIRES_OK(context, context->allocate_output(1, context->input(1).shape(), &keys_grad));
     const T* query = context->input(0).flat<T>().data();
     const T* keys = context->input(1).flat<T>().data();
-    const bool* mask = context->input(2).flat<bool>().data();
-    const T* dpooled = pooled_grad.flat<T>().data();
+    const bool* masks = context->input(2).flat<bool>().data();
+    const T* dreads = reads_grad.flat<T>().data();
     const T* dweights = weights_grad.flat<T>().data();
     T* dquery_out = query_grad->flat<T>().data();
     T* dkeys_out = keys_grad->flat<T>().data();
-    const int64_t per_sample = n.length * n.dim;
+    const int64_t per_sample = n.length * n.dim, reads_size = n.heads * n.dim,
+                  weights_size = n.heads * n.length;
     sim_merlin::ForEachRowBlock(
-        context, threads_, n.batch, kSamplesPerBlock, 12 * per_sample,
+        context, threads_, n.batch, kSamplesPerBlock, (4 + 4 * n.heads) * per_sample,
         [&](int64_t begin, int64_t end) {
-          const int64_t rows = end - begin;
-          std::vector<float> key_buffer, query_buffer, dp_buffer, dw_buffer, dq_buffer,
-              dk_buffer, w(n.length), g(n.length);
-          const float* k = InputRows(keys + begin * per_sample, rows * per_sample, &key_buffer);
-          const float* q = InputRows(query + begin * n.dim, rows * n.dim, &query_buffer);
-          const float* dp = InputRows(dpooled + begin * n.dim, rows * n.dim, &dp_buffer);
-          const float* dw = InputRows(dweights + begin * n.length, rows * n.length, &dw_buffer);
-          float* dq = OutputRows(dquery_out + begin * n.dim, rows * n.dim, &dq_buffer);
-          float* dk = OutputRows(dkeys_out + begin * per_sample, rows * per_sample, &dk_buffer);
-          for (int64_t r = 0; r < rows; ++r) {
-            const Keys key(k + r * per_sample, n.length, n.dim);
-            const ConstVector query_row(q + r * n.dim, n.dim);
-            const ConstVector dp_row(dp + r * n.dim, n.dim);
-            const bool* valid = mask + (begin + r) * n.length;
-            Vector weight(w.data(), n.length), grad(g.data(), n.length);
-            weight.noalias() = key * query_row;
-            MaskedSoftmax(valid, n.length, w.data());
-            grad.noalias() = key * dp_row;
-            grad += ConstVector(dw + r * n.length, n.length);
-            float mean = 0.0f;
-            for (int64_t t = 0; t < n.length; ++t) mean += w[t] * g[t];
-            for (int64_t t = 0; t < n.length; ++t) g[t] = valid[t] ? w[t] * (g[t] - mean) : 0.0f;
-            Vector(dq + r * n.dim, n.dim).noalias() = key.transpose() * grad;
-            KeysOut dkey(dk + r * per_sample, n.length, n.dim);
-            dkey.noalias() = weight * dp_row.transpose();
-            dkey.noalias() += grad * query_row.transpose();
+          Eigen::VectorXf key_buffer(per_sample), query_buffer(n.dim), dr_buffer(reads_size),
+              dw_buffer(weights_size), scores(n.length), w(weights_size), grad(n.length),
+              score_grad(n.length), mask(n.length), dq(n.dim), dk(per_sample);
+          for (int64_t b = begin; b < end; ++b) {
+            const Keys key(Sample(keys + b * per_sample, per_sample, &key_buffer), n.length,
+                           n.dim);
+            const ConstVector query_row(Sample(query + b * n.dim, n.dim, &query_buffer), n.dim);
+            const float* dr = Sample(dreads + b * reads_size, reads_size, &dr_buffer);
+            const float* dw = Sample(dweights + b * weights_size, weights_size, &dw_buffer);
+            scores.noalias() = key * query_row;
+            score_grad.setZero();
+            for (int64_t h = 0; h < n.heads; ++h) {
+              MaskFloats(masks + (b * n.heads + h) * n.length, n.length, mask.data());
+              float* wh = w.data() + h * n.length;
+              HeadWeights(normalize_[h], scores.data(), mask.data(), n.length, wh);
+              if (!normalize_[h]) continue;
+              grad.noalias() = key * ConstVector(dr + h * n.dim, n.dim);
+              grad += ConstVector(dw + h * n.length, n.length);
+              // w is exactly 0 off the mask: those steps get no score gradient.
+              const ConstFloats weight(wh, n.length);
+              const float mean = (weight * grad.array()).sum();
+              score_grad.array() += weight * (grad.array() - mean);
+            }
+            dq.noalias() = key.transpose() * score_grad;
+            KeysOut dkey(dk.data(), n.length, n.dim);
+            dkey.noalias() = ConstRows(w.data(), n.heads, n.length).transpose() *
+                             ConstRows(dr, n.heads, n.dim);
+            dkey.noalias() += score_grad * query_row.transpose();
+            Store(dq, dquery_out + b * n.dim);
+            Store(dk, dkeys_out + b * per_sample);
           }
-          StoreRows(dq, rows * n.dim, dquery_out + begin * n.dim);
-          StoreRows(dk, rows * per_sample, dkeys_out + begin * per_sample);
         });
   }
-
- private:
-  int threads_ = 0;
 };
 
 #define REGISTER(T)                                                                            \

@@ -35,6 +35,7 @@ from sim_merlin.blocks.interest import AuxiliaryLoss, InterestEvolution, Interes
 from sim_merlin.blocks.mlp import LogitMLP
 from sim_merlin.blocks.search import GeneralSearchUnit
 from sim_merlin.blocks.serialization import SchemaConfigMixin
+from sim_merlin.kernels import dot_attention as fused_dot, model_ops
 from sim_merlin.models.losses import ScaledBinaryCrossentropy, labels_from, logit_cross_entropy
 
 # What SIM reads of BehaviourEmbeddings' outputs (plus "short_negative" for the auxiliary loss).
@@ -181,7 +182,13 @@ class SIMBlock(SchemaConfigMixin, mm.Block):
             return tf.stack([masked_softmax(scores, valid), masked_softmax(scores, selection),
                              tf.cast(selection, scores.dtype)], axis=1)
 
-        pooled, attended, total = tf.unstack(weighted_reads(long, target, weights_of), axis=1)
+        if long.dtype in fused_dot.DTYPES and model_ops.available():
+            # The three reads and their gradient as one op each (kernels/dot_attention.cc).
+            masks = tf.stack([valid, selection, selection], axis=1)
+            reads, _ = fused_dot.dot_reads(target, long, masks, normalize=[True, True, False])
+        else:
+            reads = weighted_reads(long, target, weights_of)
+        pooled, attended, total = tf.unstack(reads, axis=1)
         plus_one = self.exact_search.mean_denominator == "count_plus_one"
         mean = mean_of_sum(total, selection, plus_one)
         return pooled, selection, tf.concat([attended, mean], axis=-1)

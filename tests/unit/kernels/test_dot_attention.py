@@ -85,6 +85,46 @@ def test_values_and_gradients_match_numpy(dtype):
     np.testing.assert_allclose(weights[mask.any(1)].sum(1), 1.0, rtol=1e-2)
 
 
+@pytest.mark.parametrize("dtype", [tf.float32, tf.bfloat16])
+def test_several_heads_match_numpy(dtype):
+    """dot_reads: SIM's three reads of its long history (softmax over the valid steps, softmax
+    over the selected ones, the masked sum of the selected ones) against numpy, heads computed
+    one by one and their gradients summed."""
+    query, keys, mask, _, _ = problem(seed=9)
+    rng = np.random.default_rng(10)
+    selection = mask & (rng.random(mask.shape) > 0.5)
+    masks = np.stack([mask, selection, selection], axis=1)
+    normalize = [True, True, False]
+    reads_grad = rng.normal(size=(mask.shape[0], 3, keys.shape[2])).astype(np.float32)
+    weights_grad = rng.normal(size=masks.shape).astype(np.float32)
+    q, k = tf.constant(query, dtype), tf.constant(keys, dtype)
+    with tf.GradientTape() as tape:
+        tape.watch([q, k])
+        reads, weights = dot_attention.dot_reads(q, k, masks, normalize)
+        loss = (tf.reduce_sum(tf.cast(reads, tf.float32) * reads_grad)
+                + tf.reduce_sum(tf.cast(weights, tf.float32) * weights_grad))
+    got = [tf.cast(x, tf.float32).numpy() for x in (reads, weights, *tape.gradient(loss, [q, k]))]
+    qf, kf = rounded(query, dtype), rounded(keys, dtype)
+    dr, dw = rounded(reads_grad, dtype), rounded(weights_grad, dtype)
+    want_reads, want_weights = [], []
+    want_dq, want_dk = np.zeros(qf.shape), np.zeros(kf.shape)
+    for h in range(3):
+        if normalize[h]:
+            r, w, dq, dk = numpy_attention(qf, kf, masks[:, h], dr[:, h], dw[:, h])
+        else:  # a masked sum: constant weights, no gradient through the scores
+            w = masks[:, h].astype(np.float64)
+            r = np.einsum("bl,bld->bd", w, kf)
+            dq, dk = 0.0, w[:, :, None] * dr[:, h][:, None, :]
+        want_reads.append(r)
+        want_weights.append(w)
+        want_dq, want_dk = want_dq + dq, want_dk + dk
+    want = [np.stack(want_reads, 1), np.stack(want_weights, 1), want_dq, want_dk]
+    tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == tf.float32 else dict(rtol=1e-2, atol=2e-2)
+    for name, g, w in zip(("reads", "weights", "query_grad", "keys_grad"), got, want):
+        np.testing.assert_allclose(g, w, err_msg=name, **tolerance)
+    np.testing.assert_array_equal(got[1][:, 2], masks[:, 2])  # the sum head's weights: the mask
+
+
 def test_only_the_pooled_output_may_be_used():
     query, keys, mask, pooled_grad, _ = problem(seed=3)
     q, k = tf.constant(query), tf.constant(keys)

@@ -124,10 +124,21 @@ def sim_block_and_batch(options, seed):
 
 @pytest.mark.parametrize("options", [{"reference_compatible": True},
                                      {"search_mode": "hard", "esu_attention": "dot"}])
-def test_sim_reads_the_long_history_in_one_product_as_the_blocks_do(options):
-    # The dot-product ESU path of SIMBlock.read_long_history (scores once, one batched product
-    # for the three weighted sums) against the three blocks called one by one: values and
-    # gradients into the target and the long history.
+@pytest.mark.parametrize("plain", [False, True])
+def test_sim_reads_the_long_history_in_one_product_as_the_blocks_do(options, plain):
+    # The dot-product ESU path of SIMBlock.read_long_history (scores once, the three weighted
+    # sums as one op, kernels/dot_attention.cc, or as one batched product in TensorFlow ops)
+    # against the three blocks called one by one: values and gradients into the target and the
+    # long history.
+    from sim_merlin.kernels import model_ops
+
+    if plain:
+        with model_ops.plain_ops():
+            return check_long_history_reads(options, plain=True)
+    return check_long_history_reads(options, plain=False)
+
+
+def check_long_history_reads(options, plain):
     block, batch, rng = sim_block_and_batch(options, seed=1)
     e = block.embeddings(batch)
     del e["long_unmasked"]  # read_long_history would prefer it to the variable below
@@ -149,6 +160,9 @@ def test_sim_reads_the_long_history_in_one_product_as_the_blocks_do(options):
             history_categories=e["long_search_keys"])
         return pooled, selection, block.exact_search(e["target"], e["long"], selection)
 
+    graph = tf.function(block.read_long_history).get_concrete_function(e).graph
+    reads = [op for op in graph.get_operations() if op.type == "SimMerlinDotAttention"]
+    assert [op.get_attr("normalize") for op in reads] == ([] if plain else [[True, True, False]])
     (fused, fused_grads), (blocks, block_grads) = both(block.read_long_history), both(by_blocks)
     assert fused[0].shape == (6, 8) and fused[2].shape == (6, 16)
     np.testing.assert_array_equal(fused[1].numpy(), blocks[1].numpy())
