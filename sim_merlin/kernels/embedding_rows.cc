@@ -8,7 +8,7 @@
 // float32 -> bfloat16 rounded to nearest even exactly as TensorFlow's Cast (every NaN becomes
 // the quiet NaN 0x7FC0, as its vectorised cast does), so the values are the same bits. The
 // gradient (Python, sim_merlin/kernels/embedding_rows.py) is one IndexedSlices per table, as a
-// gather's.
+// gather's (summed per table row for a small table read many times: EmbeddingRowsGradOp).
 
 #include <immintrin.h>
 
@@ -30,6 +30,7 @@ REGISTER_OP("SimMerlinEmbeddingRows")
     .Output("rows: T")               // S + [sum(widths)]
     .Attr("N: int >= 1")
     .Attr("widths: list(int) >= 1")
+    .Attr("table_rows: list(int) = []")  // the tables' row counts, for the gradient
     .Attr("T: {float, bfloat16}")
     .Attr("Tindices: {int32, int64}")
     .Attr("threads: int = 0")
@@ -185,14 +186,31 @@ class EmbeddingRowsOp : public OpKernel {
   std::vector<int64_t> widths_;
 };
 
-// The gradient's values: column block k of rows_grad [count, sum(widths)], as float32
-// [count, widths[k]], one pass (a split and N casts in TensorFlow ops).
-template <typename T>
+// The gradient of the lookups of table k, from rows_grad [count, sum(widths)] (column block k):
+// - by default the float32 rows [count, widths[k]], one per id (a split and N casts in
+//   TensorFlow ops), for an IndexedSlices over the ids;
+// - for a small table read many times (table_rows[k] <= kMaxSummedRows and count >= kRepeats *
+//   rows[k], e.g. the categories of a long history), the rows already summed per table row,
+//   [rows[k], widths[k]], with indices 0 .. rows[k] - 1: the optimizer then gets one row per
+//   table row instead of one per id. Sums run over fixed blocks of ids, then the blocks' sums in
+//   block order, so they do not depend on the number of threads.
+// `indices` k is [m] when summed, a copy of the ids when they could have been ([count]),
+// and empty for a table too large to sum (the caller uses the ids).
+constexpr int64_t kMaxSummedRows = 32768;
+constexpr int64_t kRepeats = 16;
+constexpr int64_t kIdsPerSumBlock = 16384;
+
+inline bool MaySum(int64_t rows) { return rows > 0 && rows <= kMaxSummedRows; }
+
+template <typename T, typename Index>
 class EmbeddingRowsGradOp : public OpKernel {
  public:
   explicit EmbeddingRowsGradOp(OpKernelConstruction* context) : OpKernel(context) {
     OP_REQUIRES_OK(context, context->GetAttr("widths", &widths_));
+    OP_REQUIRES_OK(context, context->GetAttr("table_rows", &rows_));
     OP_REQUIRES_OK(context, context->GetAttr("threads", &threads_));
+    OP_REQUIRES(context, rows_.size() == widths_.size(),
+                tensorflow::errors::InvalidArgument("table_rows must have one entry per table"));
   }
 
   void Compute(OpKernelContext* context) override {
@@ -205,61 +223,145 @@ class EmbeddingRowsGradOp : public OpKernel {
                                                     grad.shape().DebugString()));
     const int64_t count = grad.NumElements() / std::max<int64_t>(total, 1);
     const int n = static_cast<int>(widths_.size());
-    tensorflow::OpOutputList outputs;
-    OP_REQUIRES_OK(context, context->output_list("values", &outputs));
+    tensorflow::OpOutputList values, indices;
+    OP_REQUIRES_OK(context, context->output_list("values", &values));
+    OP_REQUIRES_OK(context, context->output_list("indices", &indices));
     std::vector<float*> targets(n);
-    for (int k = 0; k < n; ++k) {
+    std::vector<const Index*> ids(n);
+    std::vector<int64_t> offsets(n);
+    std::vector<bool> summed(n);
+    std::vector<int> rows_by_id;  // the tables whose rows are written one per id
+    for (int k = 0, offset = 0; k < n; offset += widths_[k], ++k) {
+      const Tensor& table_ids = context->input(1 + k);
+      OP_REQUIRES(context, table_ids.NumElements() == count,
+                  tensorflow::errors::InvalidArgument("ids ", k, " must have ", count,
+                                                      " elements, got ",
+                                                      table_ids.shape().DebugString()));
+      ids[k] = table_ids.flat<Index>().data();
+      offsets[k] = offset;
+      summed[k] = MaySum(rows_[k]) && count >= kRepeats * rows_[k];
+      if (summed[k]) continue;  // Sum allocates its outputs
       Tensor* output = nullptr;
-      OP_REQUIRES_OK(context, outputs.allocate(k, tensorflow::TensorShape({count, widths_[k]}),
-                                               &output));
+      OP_REQUIRES_OK(context, values.allocate(k, tensorflow::TensorShape({count, widths_[k]}),
+                                              &output));
       targets[k] = output->flat<float>().data();
+      Tensor* index = nullptr;
+      const int64_t index_rows = MaySum(rows_[k]) ? count : 0;
+      OP_REQUIRES_OK(context, indices.allocate(k, tensorflow::TensorShape({index_rows}), &index));
+      auto out = index->flat<int64_t>();
+      for (int64_t i = 0; i < index_rows; ++i) out(i) = static_cast<int64_t>(ids[k][i]);
+      rows_by_id.push_back(k);
     }
     const T* source = grad.flat<T>().data();
-    sim_merlin::ParallelFor(context, count, 4 * total, threads_, [&](int64_t first,
-                                                                     int64_t last) {
-      for (int64_t i = first; i < last; ++i) {
-        const T* row = source + i * total;
-        for (int k = 0; k < n; ++k) {
-          float* target = targets[k] + i * widths_[k];
-          for (int64_t j = 0; j < widths_[k]; ++j) target[j] = static_cast<float>(row[j]);
-          row += widths_[k];
+    if (!rows_by_id.empty()) {
+      sim_merlin::ParallelFor(context, count, 4 * total, threads_, [&](int64_t first,
+                                                                       int64_t last) {
+        for (int64_t i = first; i < last; ++i) {
+          const T* row = source + i * total;
+          for (int k : rows_by_id) {
+            float* target = targets[k] + i * widths_[k];
+            const T* from = row + offsets[k];
+            for (int64_t j = 0; j < widths_[k]; ++j) target[j] = static_cast<float>(from[j]);
+          }
         }
-      }
-    });
+      });
+    }
+    for (int k = 0; k < n; ++k) {
+      if (summed[k]) OP_REQUIRES_OK(context, Sum(context, source, total, count, k, ids[k],
+                                                 offsets[k], &values, &indices));
+    }
   }
 
  private:
+  // Outputs k: the summed rows of the table rows read (ascending) and those rows.
+  tensorflow::Status Sum(OpKernelContext* context, const T* source, int64_t total, int64_t count,
+                         int k, const Index* ids, int64_t offset, tensorflow::OpOutputList* values,
+                         tensorflow::OpOutputList* indices) {
+    const int64_t rows = rows_[k], width = widths_[k];
+    const int64_t blocks = (count + kIdsPerSumBlock - 1) / kIdsPerSumBlock;
+    std::vector<float> partial(blocks * rows * width, 0.0f);
+    std::vector<uint8_t> read(blocks * rows, 0);
+    std::atomic<int64_t> bad{-1};
+    sim_merlin::ParallelFor(context, blocks, 4 * total * kIdsPerSumBlock, threads_,
+                            [&](int64_t first, int64_t last) {
+      for (int64_t block = first; block < last; ++block) {
+        float* sums = partial.data() + block * rows * width;
+        uint8_t* seen = read.data() + block * rows;
+        const int64_t end = std::min(count, (block + 1) * kIdsPerSumBlock);
+        for (int64_t i = block * kIdsPerSumBlock; i < end; ++i) {
+          const int64_t row = static_cast<int64_t>(ids[i]);
+          if (row < 0 || row >= rows) {
+            bad.store(i);
+            continue;
+          }
+          seen[row] = 1;
+          float* into = sums + row * width;
+          const T* from = source + i * total + offset;
+          for (int64_t j = 0; j < width; ++j) into[j] += static_cast<float>(from[j]);
+        }
+      }
+    });
+    if (bad.load() >= 0) {
+      return tensorflow::errors::InvalidArgument(
+          "ids[", k, "] (flat position ", bad.load(), ") = ", static_cast<int64_t>(ids[bad.load()]),
+          " is not in [0, ", rows, ")");
+    }
+    // The rows read (a row not read keeps no entry: a lazy optimizer must not touch it), their
+    // sums added block after block.
+    std::vector<int64_t> touched;
+    for (int64_t row = 0; row < rows; ++row) {
+      for (int64_t block = 0; block < blocks; ++block) {
+        if (read[block * rows + row]) {
+          touched.push_back(row);
+          break;
+        }
+      }
+    }
+    const int64_t m = static_cast<int64_t>(touched.size());
+    Tensor* output = nullptr;
+    TF_RETURN_IF_ERROR(values->allocate(k, tensorflow::TensorShape({m, width}), &output));
+    Tensor* index = nullptr;
+    TF_RETURN_IF_ERROR(indices->allocate(k, tensorflow::TensorShape({m}), &index));
+    float* target = output->flat<float>().data();
+    auto out = index->flat<int64_t>();
+    for (int64_t e = 0; e < m; ++e) {
+      const int64_t row = touched[e];
+      out(e) = row;
+      float* into = target + e * width;
+      std::copy(partial.data() + row * width, partial.data() + (row + 1) * width, into);
+      for (int64_t block = 1; block < blocks; ++block) {
+        const float* sums = partial.data() + (block * rows + row) * width;
+        for (int64_t j = 0; j < width; ++j) into[j] += sums[j];
+      }
+    }
+    return tensorflow::Status();
+  }
+
   int threads_ = 0;
-  std::vector<int64_t> widths_;
+  std::vector<int64_t> widths_, rows_;
 };
 
 REGISTER_OP("SimMerlinEmbeddingRowsGrad")
     .Input("rows_grad: T")        // [..., sum(widths)]
-    .Output("values: N * float")  // [count, widths[k]]
+    .Input("ids: N * Tindices")   // the forward op's ids
+    .Output("values: N * float")  // [count or m, widths[k]]
+    .Output("indices: N * int64")  // [m], [count] or [0] (see above)
     .Attr("N: int >= 1")
     .Attr("widths: list(int) >= 1")
+    .Attr("table_rows: list(int)")
     .Attr("T: {float, bfloat16}")
+    .Attr("Tindices: {int32, int64}")
     .Attr("threads: int = 0")
     .SetShapeFn([](tensorflow::shape_inference::InferenceContext* c) {
       std::vector<int64_t> widths;
       TF_RETURN_IF_ERROR(c->GetAttr("widths", &widths));
-      tensorflow::shape_inference::ShapeHandle rows;
-      TF_RETURN_IF_ERROR(c->Subshape(c->input(0), 0, -1, &rows));
-      tensorflow::shape_inference::DimensionHandle count = c->NumElements(rows);
-      for (size_t k = 0; k < widths.size(); ++k) {
-        c->set_output(static_cast<int>(k), c->Matrix(count, widths[k]));
+      const int n = static_cast<int>(widths.size());
+      for (int k = 0; k < n; ++k) {
+        c->set_output(k, c->Matrix(c->UnknownDim(), widths[k]));
+        c->set_output(n + k, c->Vector(c->UnknownDim()));
       }
       return tensorflow::Status();
     });
-
-REGISTER_KERNEL_BUILDER(Name("SimMerlinEmbeddingRowsGrad")
-                            .Device(tensorflow::DEVICE_CPU)
-                            .TypeConstraint<float>("T"),
-                        EmbeddingRowsGradOp<float>);
-REGISTER_KERNEL_BUILDER(Name("SimMerlinEmbeddingRowsGrad")
-                            .Device(tensorflow::DEVICE_CPU)
-                            .TypeConstraint<Eigen::bfloat16>("T"),
-                        EmbeddingRowsGradOp<Eigen::bfloat16>);
 
 #define REGISTER(T, Index)                                              \
   REGISTER_KERNEL_BUILDER(Name("SimMerlinEmbeddingRows")                \
@@ -267,6 +369,18 @@ REGISTER_KERNEL_BUILDER(Name("SimMerlinEmbeddingRowsGrad")
                               .TypeConstraint<T>("T")                   \
                               .TypeConstraint<Index>("Tindices"),       \
                           EmbeddingRowsOp<T, Index>);
+REGISTER(float, int32_t)
+REGISTER(float, int64_t)
+REGISTER(Eigen::bfloat16, int32_t)
+REGISTER(Eigen::bfloat16, int64_t)
+#undef REGISTER
+
+#define REGISTER(T, Index)                                              \
+  REGISTER_KERNEL_BUILDER(Name("SimMerlinEmbeddingRowsGrad")            \
+                              .Device(tensorflow::DEVICE_CPU)           \
+                              .TypeConstraint<T>("T")                   \
+                              .TypeConstraint<Index>("Tindices"),       \
+                          EmbeddingRowsGradOp<T, Index>);
 REGISTER(float, int32_t)
 REGISTER(float, int64_t)
 REGISTER(Eigen::bfloat16, int32_t)

@@ -6,7 +6,10 @@ them. In TensorFlow ops that is a float32 gather per table, a cast to the comput
 :func:`embedding_rows` writes each output row once (``embedding_rows.cc``), with the same values
 to the bit (the cast rounds as TensorFlow's). Its gradient is one ``tf.IndexedSlices`` per table,
 as a gather's, so sparse-aware optimizers see what they saw before; their float32 values come
-from one op too (a split and a cast per table in TensorFlow ops).
+from one op too (a split and a cast per table in TensorFlow ops). A small table read many times
+in one lookup (at least 16 ids per row, at most 32,768 rows: the categories of a long history)
+gets its gradient rows already summed per table row, so the optimizer sums and updates one row
+per table row rather than one per id.
 
 Example::
 
@@ -28,6 +31,9 @@ from tensorflow.python.eager import tape as _tape
 from tensorflow.python.ops import resource_variable_ops
 
 from sim_merlin.kernels.build import load as _library, threads as _threads
+
+
+MAX_SUMMED_ROWS = 32768  # embedding_rows.cc's kMaxSummedRows
 
 
 def _variable(table):
@@ -53,17 +59,25 @@ def embedding_rows(tables, ids, dtype=tf.float32):
         widths.append(int(table.shape[1]))
         _tape.variable_accessed(table)  # the tape then sees the read, as a gather's
     index_dtype = tf.int32 if all(i.dtype == tf.int32 for i in ids) else tf.int64
+    rows = [int(t.shape[0]) if t.shape[0] is not None else 0 for t in tables]
     return _library().sim_merlin_embedding_rows(
         [t.handle for t in tables], [tf.cast(i, index_dtype) for i in ids], widths=widths,
-        T=tf.as_dtype(dtype), threads=_threads())
+        table_rows=rows, T=tf.as_dtype(dtype), threads=_threads())
 
 
 @tf.RegisterGradient("SimMerlinEmbeddingRows")
 def _embedding_rows_gradient(op, rows_grad):
     count = op.get_attr("N")
-    values = _library().sim_merlin_embedding_rows_grad(
-        rows_grad, N=count, widths=op.get_attr("widths"), threads=op.get_attr("threads"))
-    gradients = [tf.IndexedSlices(part, tf.reshape(ids, [-1]),
+    rows = op.get_attr("table_rows") or [0] * count
+    ids = op.inputs[count:]
+    values, indices = _library().sim_merlin_embedding_rows_grad(
+        rows_grad, ids, widths=op.get_attr("widths"), table_rows=rows,
+        threads=op.get_attr("threads"))
+    # A small table read many times gets its rows summed per table row (embedding_rows.cc);
+    # the op then gives the indices. A larger one: one row per id.
+    gradients = [tf.IndexedSlices(part, index if 0 < table_rows <= MAX_SUMMED_ROWS
+                                  else tf.reshape(table_ids, [-1]),
                                   resource_variable_ops.variable_shape(handle))
-                 for handle, ids, part in zip(op.inputs[:count], op.inputs[count:], values)]
+                 for handle, table_ids, part, index, table_rows
+                 in zip(op.inputs[:count], ids, values, indices, rows)]
     return gradients + [None] * count

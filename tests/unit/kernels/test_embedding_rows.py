@@ -110,7 +110,37 @@ with tf.GradientTape(persistent=True) as tape:
     want = tf.concat([tf.cast(tf.gather(t, i), tf.bfloat16) for t, i in zip(tables, ids)], -1)
     losses = [tf.reduce_sum(tf.cast(x * upstream, tf.float32)) for x in (got, want)]
 print(bool(np.array_equal(tf.bitcast(got, tf.uint16).numpy(), tf.bitcast(want, tf.uint16).numpy())))
-for g, w in zip(tape.gradient(losses[0], tables), tape.gradient(losses[1], tables)):
-    print(bool(np.array_equal(g.values.numpy(), w.values.numpy())))
+big, small = tape.gradient(losses[0], tables)
+want_big, want_small = tape.gradient(losses[1], tables)
+print(bool(np.array_equal(big.values.numpy(), want_big.values.numpy())))
+# 10,240 reads of a 30-row table: its gradient comes summed per row (tested below).
+print(small.values.shape == (30, 16) and list(small.indices.numpy()) == list(range(30)))
+print(bool(np.allclose(tf.convert_to_tensor(small).numpy(),
+                       tf.convert_to_tensor(want_small).numpy(), rtol=1e-5, atol=1e-4)))
 """)
-    assert out.split()[-3:] == ["True", "True", "True"]
+    assert out.split()[-4:] == ["True", "True", "True", "True"]
+
+
+@pytest.mark.parametrize("index_dtype", [tf.int32, tf.int64])
+def test_a_small_table_read_many_times_gets_its_gradient_summed_per_row(index_dtype):
+    # 3 x 700 reads: at least 16 per row of the 40-row table (summed), not of the 1000-row one.
+    rng = np.random.default_rng(4)
+    tables = [tf.Variable(rng.normal(size=(1000, 3)).astype(np.float32)),
+              tf.Variable(rng.normal(size=(40, 2)).astype(np.float32))]
+    ids = [tf.constant(rng.integers(0, 1000, (3, 700)), index_dtype),
+           tf.constant(rng.integers(0, 39, (3, 700)), index_dtype)]  # row 39 never read
+    upstream = tf.cast(tf.random.stateless_normal([3, 700, 5], [1, 1]), tf.bfloat16)
+    with tf.GradientTape() as tape:
+        rows = embedding_rows.embedding_rows(tables, ids, tf.bfloat16)
+        loss = tf.reduce_sum(tf.cast(rows * upstream, tf.float32))
+    large, small = tape.gradient(loss, tables)
+    assert large.values.shape == (2100, 3)  # one row per id
+    np.testing.assert_array_equal(large.indices.numpy(), ids[0].numpy().reshape(-1))
+    # One row per table row read (row 39 is not: no entry, so a lazy optimizer leaves it).
+    assert small.values.shape == (39, 2)
+    np.testing.assert_array_equal(small.indices.numpy(), np.arange(39))
+    expected = np.zeros([40, 2])
+    np.add.at(expected, ids[1].numpy().reshape(-1),
+              tf.cast(upstream, tf.float32).numpy()[..., 3:].reshape(-1, 2).astype(np.float64))
+    np.testing.assert_allclose(tf.convert_to_tensor(small).numpy(), expected, rtol=1e-5,
+                               atol=1e-4)
