@@ -36,7 +36,6 @@ tensorflow::Status UpdatableVariable(OpKernelContext* context, int input, Tensor
   tensorflow::core::RefCountPtr<tensorflow::Var> var;
   TF_RETURN_IF_ERROR(tensorflow::LookupResource(
       context, tensorflow::HandleFromInput(context, input), &var));
-  var->mu()->assert_held();
   TF_RETURN_IF_ERROR(tensorflow::PrepareToUpdateVariable<CPUDevice, T>(
       context, var->tensor(), /*copy_on_read_mode=*/false));
   *out = *var->tensor();

@@ -9,7 +9,8 @@ import tensorflow as tf
 
 from sim_merlin.kernels import adam
 
-pytestmark = pytest.mark.skipif(not adam.available(), reason="fused kernels not built here")
+pytestmark = [pytest.mark.compat_lock,
+              pytest.mark.skipif(not adam.available(), reason="fused kernels not built here")]
 
 LR, BETA_1, BETA_2, EPSILON = 0.01, 0.9, 0.999, 1e-7
 

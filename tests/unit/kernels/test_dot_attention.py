@@ -10,7 +10,8 @@ import tensorflow as tf
 from sim_merlin.blocks.attention import TargetAttention
 from sim_merlin.kernels import build, dot_attention, model_ops
 
-pytestmark = pytest.mark.skipif(not build.usable(), reason="fused kernels not built here")
+pytestmark = [pytest.mark.compat_lock,
+              pytest.mark.skipif(not build.usable(), reason="fused kernels not built here")]
 
 
 def problem(batch=40, length=23, dim=12, seed=0):

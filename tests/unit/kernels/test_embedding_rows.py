@@ -9,7 +9,8 @@ import tensorflow as tf
 
 from sim_merlin.kernels import build, embedding_rows
 
-pytestmark = pytest.mark.skipif(not build.usable(), reason="fused kernels not built here")
+pytestmark = [pytest.mark.compat_lock,
+              pytest.mark.skipif(not build.usable(), reason="fused kernels not built here")]
 
 
 def tables_and_ids(seed=0, batch=(6, 9)):
