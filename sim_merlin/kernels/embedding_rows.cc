@@ -363,28 +363,20 @@ REGISTER_OP("SimMerlinEmbeddingRowsGrad")
       return tensorflow::Status();
     });
 
-#define REGISTER(T, Index)                                              \
-  REGISTER_KERNEL_BUILDER(Name("SimMerlinEmbeddingRows")                \
+#define REGISTER(op, kernel, T, Index)                                  \
+  REGISTER_KERNEL_BUILDER(Name(op)                                      \
                               .Device(tensorflow::DEVICE_CPU)           \
                               .TypeConstraint<T>("T")                   \
                               .TypeConstraint<Index>("Tindices"),       \
-                          EmbeddingRowsOp<T, Index>);
-REGISTER(float, int32_t)
-REGISTER(float, int64_t)
-REGISTER(Eigen::bfloat16, int32_t)
-REGISTER(Eigen::bfloat16, int64_t)
-#undef REGISTER
-
-#define REGISTER(T, Index)                                              \
-  REGISTER_KERNEL_BUILDER(Name("SimMerlinEmbeddingRowsGrad")            \
-                              .Device(tensorflow::DEVICE_CPU)           \
-                              .TypeConstraint<T>("T")                   \
-                              .TypeConstraint<Index>("Tindices"),       \
-                          EmbeddingRowsGradOp<T, Index>);
-REGISTER(float, int32_t)
-REGISTER(float, int64_t)
-REGISTER(Eigen::bfloat16, int32_t)
-REGISTER(Eigen::bfloat16, int64_t)
+                          kernel<T, Index>);
+#define REGISTER_BOTH(T, Index)                                            \
+  REGISTER("SimMerlinEmbeddingRows", EmbeddingRowsOp, T, Index)           \
+  REGISTER("SimMerlinEmbeddingRowsGrad", EmbeddingRowsGradOp, T, Index)
+REGISTER_BOTH(float, int32_t)
+REGISTER_BOTH(float, int64_t)
+REGISTER_BOTH(Eigen::bfloat16, int32_t)
+REGISTER_BOTH(Eigen::bfloat16, int64_t)
+#undef REGISTER_BOTH
 #undef REGISTER
 
 }  // namespace
