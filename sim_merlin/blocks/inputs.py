@@ -141,8 +141,9 @@ class BehaviourEmbeddings(SchemaConfigMixin, mm.Block):
     [B, S, F_i*E] (when the schema has a negative history); ``target_search_key`` [B] and
     ``long_search_keys`` [B, L-S] (ids of the hard-search feature); ``long_unmasked`` and
     ``history_unmasked``: ``long`` and ``history`` with the padded steps not zeroed, for a
-    consumer that gives them zero weight itself (no mask product, nor its gradient). ``outputs=`` in the call
-    limits the dict to the keys a model reads (each lookup costs time even if unused).
+    consumer that gives them zero weight itself (no mask product, nor its gradient).
+    ``outputs=`` in the call limits the dict to the keys a model reads (each lookup costs time
+    even if unused).
     """
 
     def __init__(self, schema: Schema, embedding_dim: int = 16, short_length: int = 10,
