@@ -95,25 +95,27 @@ class TargetAttention(mm.Block):
         if not first.built:
             with tf.init_scope():
                 first.build(tf.TensorShape([None, 4 * dim]))
-        w_key, w_query, w_diff, w_prod = tf.split(tf.cast(first.kernel, keys.dtype), 4, axis=0)
+        w_key, w_query, w_diff, w_prod = tf.split(first.kernel, 4, axis=0)
         query = tf.cast(query, keys.dtype)
         per_step = tf.concat([keys, keys * tf.expand_dims(query, 1)], axis=-1)
-        hidden = tf.matmul(tf.reshape(per_step, [-1, 2 * dim]),
-                           tf.concat([w_key + w_diff, w_prod], axis=0))
-        per_row = tf.nn.bias_add(tf.matmul(query, w_query - w_diff),
+        per_step = tf.reshape(per_step, [-1, 2 * dim])
+        w_step = tf.concat([w_key + w_diff, w_prod], axis=0)
+        per_row = tf.nn.bias_add(tf.matmul(query, tf.cast(w_query - w_diff, keys.dtype)),
                                  tf.cast(first.bias, keys.dtype))
         shape = tf.shape(keys)
+        if self.activation == "sigmoid" and model_ops.available():
+            # The whole unit as one op (sim_merlin.kernels.sigmoid_mlp), same function: a
+            # sample's steps share the query's part of the first layer.
+            scores = fused_mlp.keras_layers(per_row, rest, inputs=per_step, first_kernel=w_step)
+            return tf.reshape(tf.cast(scores, keys.dtype), shape[:2])
+        hidden = tf.matmul(per_step, tf.cast(w_step, keys.dtype))
         hidden = tf.reshape(hidden, tf.stack([shape[0], shape[1], hidden.shape[-1]]))
         # The other layers on a 2-D [batch * length, units] input: product, bias and activation
-        # then run as one fused oneDNN kernel (Keras's 3-D path, tensordot, does not fuse); with
-        # sigmoids, the fused kernel runs them all as one op (sim_merlin.kernels.sigmoid_mlp).
-        pre = tf.reshape(hidden + tf.expand_dims(per_row, 1), [-1, hidden.shape[-1]])
-        if self.activation == "sigmoid" and model_ops.available():
-            scores = tf.cast(fused_mlp.keras_layers(pre, rest), keys.dtype)
-        else:
-            scores = first.activation(pre)
-            for layer in rest:
-                scores = layer(scores)
+        # then run as one fused oneDNN kernel (Keras's 3-D path, tensordot, does not fuse).
+        scores = first.activation(tf.reshape(hidden + tf.expand_dims(per_row, 1),
+                                             [-1, hidden.shape[-1]]))
+        for layer in rest:
+            scores = layer(scores)
         return tf.reshape(scores, shape[:2])
 
     def call(self, query, keys=None, mask=None, return_weights=False, training=False):

@@ -302,23 +302,29 @@ class AuxiliaryLoss(mm.Block):
         if not first.built:
             with tf.init_scope():
                 first.build(tf.TensorShape([None, state_dim + later[0].shape[-1]]))
-        w_state, w_behaviour = tf.split(tf.cast(first.kernel, states.dtype),
-                                        [state_dim, -1], axis=0)
-        shared = _dense_apply(earlier, w_state, tf.cast(first.bias, states.dtype))
+        w_state, w_behaviour = tf.split(first.kernel, [state_dim, -1], axis=0)
+        shared = _dense_apply(earlier, tf.cast(w_state, states.dtype),
+                              tf.cast(first.bias, states.dtype))  # [batch, length - 1, units]
+        if self.dropout is None and model_ops.available():
+            # The whole tower as one op (sim_merlin.kernels.sigmoid_mlp), same function: the
+            # rows are the (positive, negative) pairs of each step, sharing the state's part.
+            pairs = tf.stack(later, axis=2)  # [batch, length - 1, 2, dim]
+            logits = fused_mlp.keras_layers(
+                tf.reshape(shared, [-1, shared.shape[-1]]), self.scorer_layers[1:],
+                inputs=tf.reshape(pairs, [-1, pairs.shape[-1]]), first_kernel=w_behaviour)
+            click, no_click = tf.unstack(tf.reshape(logits, tf.shape(pairs)[:-1]), axis=-1)
+            return click, no_click
         behaviours = tf.stack(later)  # [2, batch, length - 1, dim]: one product for both
-        pre = tf.expand_dims(shared, 0) + _dense_apply(behaviours, w_behaviour)
+        pre = tf.expand_dims(shared, 0) + _dense_apply(behaviours,
+                                                       tf.cast(w_behaviour, states.dtype))
         shape = tf.shape(pre)[:-1]
         pre = tf.reshape(pre, [-1, pre.shape[-1]])  # 2-D: product, bias, activation fuse (oneDNN)
-        if self.dropout is None and model_ops.available():
-            # the rest of the tower as one op (sim_merlin.kernels.sigmoid_mlp), same function
-            logits = fused_mlp.keras_layers(pre, self.scorer_layers[1:])
-        else:
-            x = first.activation(pre)
-            for layer in hidden_layers:
-                x = layer(x)
-            if self.dropout is not None:
-                x = self.dropout(x, training=training)
-            logits = self.scorer_layers[-1](x)
+        x = first.activation(pre)
+        for layer in hidden_layers:
+            x = layer(x)
+        if self.dropout is not None:
+            x = self.dropout(x, training=training)
+        logits = self.scorer_layers[-1](x)
         click, no_click = tf.unstack(tf.reshape(logits, shape))
         return click, no_click
 

@@ -31,6 +31,7 @@
 #endif
 
 #include "Eigen/Core"
+#include "rows.h"
 
 namespace sim_merlin {
 
@@ -96,7 +97,7 @@ inline __mmask16 TailMask(int64_t count) {
 // every element it uses, padding included (clearing whole buffers on every product had cost a
 // tenth of the recurrent kernels' time).
 template <typename Element>
-inline Element* Scratch(std::vector<Element>* buffer, int64_t size) {
+inline Element* Scratch(Buffer<Element>* buffer, int64_t size) {
   if (static_cast<int64_t>(buffer->size()) < size) buffer->resize(size);
   return buffer->data();
 }
@@ -105,7 +106,7 @@ inline Element* Scratch(std::vector<Element>* buffer, int64_t size) {
 // even K and to N rounded up to 16 columns (one 512-bit register of float32 sums), or to whole
 // AMX tiles.
 struct PackedB {
-  std::vector<uint16_t> data;
+  Buffer<uint16_t> data;
   int64_t pairs = 0, cols = 0, padded_cols = 0;
 };
 
@@ -155,7 +156,7 @@ inline void Pack(const View& b, PackedB* out) {
 
 // A [M, K] as rows of bfloat16 pairs (one 32-bit word per pair of k), K padded to even (or to
 // whole AMX tiles, with the rows).
-inline void PackRows(const View& a, std::vector<uint32_t>* out, int64_t* pairs) {
+inline void PackRows(const View& a, Buffer<uint32_t>* out, int64_t* pairs) {
   const int64_t filled = (a.cols + 1) / 2;
   *pairs = RoundUp(filled, PairMultiple());
   const int64_t padded_rows = RoundUp(a.rows, RowMultiple());
@@ -236,6 +237,13 @@ inline void RowsOfPanel(const PackedA& a, const uint16_t* b, int64_t padded_cols
 #endif
 
 #ifdef SIM_MERLIN_AMX
+// Copies n <= 16 floats with one masked load and store (a library call per short row had cost
+// more than the tile products of the edge blocks).
+inline void CopyShort(const float* from, int64_t n, float* to) {
+  const __mmask16 valid = TailMask(n);
+  _mm512_mask_storeu_ps(to, valid, _mm512_maskz_loadu_ps(valid, from));
+}
+
 // C (+)= A B on the tile unit, in 32 x 32 blocks of C (four accumulator tiles: 0-3; A's two row
 // tiles: 4, 5; B's two column tiles: 6, 7). A's rows are contiguous pair words (row_step words
 // apart, rows padded to 32), B's pairs padded to A's; edge blocks of C go through a buffer.
@@ -271,9 +279,7 @@ inline void ProductAmx(const PackedA& a, const PackedB& b, float* c, int64_t ldc
       } else {
         std::memset(edge, 0, sizeof edge);
         for (int q = 0; q < 4; ++q)
-          for_edge(q, [](float* in_c, float* in_edge, int64_t n) {
-            std::copy_n(in_c, n, in_edge);
-          });
+          for_edge(q, [](float* in_c, float* in_edge, int64_t n) { CopyShort(in_c, n, in_edge); });
         _tile_loadd(0, edge[0], 64); _tile_loadd(1, edge[1], 64);
         _tile_loadd(2, edge[2], 64); _tile_loadd(3, edge[3], 64);
       }
@@ -296,9 +302,7 @@ inline void ProductAmx(const PackedA& a, const PackedB& b, float* c, int64_t ldc
         _tile_stored(0, edge[0], 64); _tile_stored(1, edge[1], 64);
         _tile_stored(2, edge[2], 64); _tile_stored(3, edge[3], 64);
         for (int q = 0; q < 4; ++q)
-          for_edge(q, [](float* in_c, float* in_edge, int64_t n) {
-            std::copy_n(in_edge, n, in_c);
-          });
+          for_edge(q, [](float* in_c, float* in_edge, int64_t n) { CopyShort(in_edge, n, in_c); });
       }
     }
   }
@@ -345,6 +349,29 @@ struct Weight {
   }
 };
 
+// target[i * pairs + p] = words[p * columns + i] for i < rows, p < pairs: a packed B's pair words
+// turned into an AMX A's rows. With AVX-512, 16 pairs of a row at a time (pairs is a multiple of
+// 16 on the AMX path): one gather of 16 words (a strided scalar loop had cost a quarter of the
+// gradient kernels' time).
+inline void TransposeWords(const uint32_t* words, int64_t columns, int64_t pairs, int64_t rows,
+                           uint32_t* target) {
+  int64_t p0 = 0;
+#if defined(__AVX512F__)
+  const __m512i offsets = _mm512_mullo_epi32(
+      _mm512_set1_epi32(static_cast<int>(columns)),
+      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+  for (; p0 + 16 <= pairs; p0 += 16) {
+    const uint32_t* source = words + p0 * columns;
+    for (int64_t i = 0; i < rows; ++i) {
+      _mm512_storeu_si512(target + i * pairs + p0,
+                          _mm512_i32gather_epi32(offsets, source + i, 4));
+    }
+  }
+#endif
+  for (int64_t p = p0; p < pairs; ++p)
+    for (int64_t i = 0; i < rows; ++i) target[i * pairs + p] = words[p * columns + i];
+}
+
 // The products of one row block (one thread): scratch space for packing the other operand.
 class Products {
  public:
@@ -379,8 +406,7 @@ class Products {
       if (!AmxUsable()) return {words, a.rows, pairs, 1, columns};
       const int64_t padded_rows = RoundUp(a.rows, RowMultiple());
       uint32_t* target = Scratch(&rows_, padded_rows * pairs);
-      for (int64_t p = 0; p < pairs; ++p)
-        for (int64_t i = 0; i < a.rows; ++i) target[i * pairs + p] = words[p * columns + i];
+      TransposeWords(words, columns, pairs, a.rows, target);
       std::fill(target + a.rows * pairs, target + padded_rows * pairs, 0u);
       return {target, a.rows, pairs, pairs, 1};
     }
@@ -389,11 +415,13 @@ class Products {
     return {rows_.data(), a.rows, pairs, pairs, 1};
   }
 
-  static void MultiplyFloat(const View& a, const View& b, float* c, int64_t ldc, bool accumulate) {
-    using Strides = Eigen::Stride<Eigen::Dynamic, Eigen::Dynamic>;
-    Strided am(a.data, a.rows, a.cols, Strides(a.row_stride, a.col_stride));
-    Strided bm(b.data, b.rows, b.cols, Strides(b.row_stride, b.col_stride));
-    Target cm(c, a.rows, b.cols, Eigen::OuterStride<>(ldc));
+  // Eigen's products vectorise only over a unit inner stride: each operand is mapped row-major
+  // or column-major when it is contiguous either way (the gradients' transposed views are
+  // column-major), with general strides otherwise.
+  template <typename Left, typename Right>
+  static void MultiplyFloat(const Left& am, const Right& bm, float* c, int64_t ldc,
+                            bool accumulate) {
+    Target cm(c, am.rows(), bm.cols(), Eigen::OuterStride<>(ldc));
     if (accumulate) {
       cm.noalias() += am * bm;
     } else {
@@ -401,8 +429,42 @@ class Products {
     }
   }
 
+  template <typename Left>
+  static void MultiplyFloat(const Left& am, const View& b, float* c, int64_t ldc,
+                            bool accumulate) {
+    if (b.col_stride == 1) {
+      return MultiplyFloat(am, RowMajorMap(b.data, b.rows, b.cols, b.row_stride), c, ldc,
+                           accumulate);
+    }
+    if (b.row_stride == 1) {
+      return MultiplyFloat(am, ColMajorMap(b.data, b.rows, b.cols, b.col_stride), c, ldc,
+                           accumulate);
+    }
+    using Strides = Eigen::Stride<Eigen::Dynamic, Eigen::Dynamic>;
+    MultiplyFloat(am, Strided(b.data, b.rows, b.cols, Strides(b.row_stride, b.col_stride)), c,
+                  ldc, accumulate);
+  }
+
+  static void MultiplyFloat(const View& a, const View& b, float* c, int64_t ldc, bool accumulate) {
+    if (a.col_stride == 1) {
+      return MultiplyFloat(RowMajorMap(a.data, a.rows, a.cols, a.row_stride), b, c, ldc,
+                           accumulate);
+    }
+    if (a.row_stride == 1) {
+      return MultiplyFloat(ColMajorMap(a.data, a.rows, a.cols, a.col_stride), b, c, ldc,
+                           accumulate);
+    }
+    using Strides = Eigen::Stride<Eigen::Dynamic, Eigen::Dynamic>;
+    MultiplyFloat(Strided(a.data, a.rows, a.cols, Strides(a.row_stride, a.col_stride)), b, c, ldc,
+                  accumulate);
+  }
+
+  using RowMajorMap = Eigen::Map<const Matrix, 0, Eigen::OuterStride<>>;
+  using ColMajorMap = Eigen::Map<const Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic>, 0,
+                                 Eigen::OuterStride<>>;
+
   bool bf16_;
-  std::vector<uint32_t> rows_;
+  Buffer<uint32_t> rows_;
   PackedB columns_, left_columns_;
 };
 

@@ -252,7 +252,7 @@ class GruOp : public sim_merlin::RowBlockKernel {
     ForEachRowBlock(context, threads_, rows, steps * (u + features) * 3 * u * 2,
                     [&](int64_t begin, int64_t end) {
       const int64_t n = end - begin;
-      std::vector<float> in_buffer, out_buffer;  // this block's rows as float32 (rows.h)
+      sim_merlin::FloatBuffer in_buffer, out_buffer;  // this block's rows as float32 (rows.h)
       const float* x = InputRows(sequence_rows + begin * steps * features, n * steps * features,
                                  &in_buffer);
       float* out = OutputRows(states_rows + begin * steps * u, n * steps * u, &out_buffer);
@@ -333,7 +333,7 @@ class GruGradOp : public sim_merlin::RowBlockKernel {
     ForEachRowBlock(context, threads_, rows, steps * (u + features) * 3 * u * 6,
                     [&](int64_t begin, int64_t end) {
       const int64_t n = end - begin;
-      std::vector<float> x_buffer, hs_buffer, dhs_buffer, dx_buffer;  // as float32 (rows.h)
+      sim_merlin::FloatBuffer x_buffer, hs_buffer, dhs_buffer, dx_buffer;  // as float32 (rows.h)
       const float* x = InputRows(sequence_rows + begin * steps * features, n * steps * features,
                                  &x_buffer);
       const float* hs = InputRows(states_rows + begin * steps * u, n * steps * u, &hs_buffer);
@@ -538,7 +538,7 @@ class AugruOp : public sim_merlin::RowBlockKernel {
     ForEachRowBlock(context, threads_, rows, steps * (u + features) * 3 * u * 2,
                     [&](int64_t begin, int64_t end) {
       const int64_t n = end - begin;
-      std::vector<float> buffer;
+      sim_merlin::FloatBuffer buffer;
       const float* x = InputRows(sequence_rows + begin * steps * features, n * steps * features,
                                  &buffer);
       Products products(bf16_);
@@ -603,7 +603,7 @@ class AugruGradOp : public sim_merlin::RowBlockKernel {
     ForEachRowBlock(context, threads_, rows, steps * (u + features) * 3 * u * 6,
                     [&](int64_t begin, int64_t end) {
       const int64_t n = end - begin;
-      std::vector<float> x_buffer, dx_buffer;  // this block's rows as float32 (rows.h)
+      sim_merlin::FloatBuffer x_buffer, dx_buffer;  // this block's rows as float32 (rows.h)
       const float* x = InputRows(sequence_rows + begin * steps * features, n * steps * features,
                                  &x_buffer);
       float* dx = OutputRows(sequence_grad_rows + begin * steps * features, n * steps * features,

@@ -1,5 +1,7 @@
-"""The fused sigmoid MLP against numpy (values and every gradient, float32 and bfloat16 products),
-and the blocks that use it (auxiliary loss, DIEN's attention unit) against their plain paths."""
+"""The fused sigmoid MLP against numpy (values and every gradient, float32 and bfloat16 products,
+with the first layer given as a pre-activation or as per-row inputs plus a part shared by groups
+of rows), and the blocks that use it (auxiliary loss, DIEN's attention unit) against their plain
+paths."""
 from pathlib import Path
 
 import numpy as np
@@ -113,18 +115,26 @@ def test_a_bfloat16_pre_activation_is_converted_inside_as_a_cast_would():
     """No Cast op over the pre-activation or its gradient: bit for bit what casting around the
     float32 op gives."""
     lib = load()
-    pre, kernels, biases, dout = _problem(301, (37, 5, 1), seed=9)
-    low = tf.cast(pre, tf.bfloat16)
+    rng = np.random.default_rng(9)
+    shared, kernels, biases, dout = _problem(301, (37, 5, 1), seed=9)
+    inputs = rng.normal(size=(602, 6)).astype(np.float32)
+    first = rng.normal(size=(6, 37)).astype(np.float32)
+    dout = np.concatenate([dout, dout])
+    low = [tf.cast(t, tf.bfloat16) for t in (inputs, shared)]
     options = dict(bf16_products=True, threads=1)
-    outputs = [lib.sim_merlin_sigmoid_mlp(x, kernels, biases, **options)
-               for x in (low, tf.cast(low, tf.float32))]
+    as_float = [tf.cast(t, tf.float32) for t in low]
+    outputs = [lib.sim_merlin_sigmoid_mlp(*xs, first, kernels, biases, **options)
+               for xs in (low, as_float)]
     np.testing.assert_array_equal(outputs[0].numpy(), outputs[1].numpy())
-    grads = [lib.sim_merlin_sigmoid_mlp_grad(x, kernels, biases, dout, **options)
-             for x in (low, tf.cast(low, tf.float32))]
-    assert grads[0][0].dtype == tf.bfloat16
-    np.testing.assert_array_equal(tf.bitcast(grads[0][0], tf.uint16).numpy(),
-                                  tf.bitcast(tf.cast(grads[1][0], tf.bfloat16), tf.uint16).numpy())
-    for got, want in zip(grads[0][1] + grads[0][2], grads[1][1] + grads[1][2]):
+    grads = [lib.sim_merlin_sigmoid_mlp_grad(*xs, first, kernels, biases, dout, **options)
+             for xs in (low, as_float)]
+    for i in (0, 1):  # the inputs' and the shared part's gradients
+        assert grads[0][i].dtype == tf.bfloat16
+        np.testing.assert_array_equal(
+            tf.bitcast(grads[0][i], tf.uint16).numpy(),
+            tf.bitcast(tf.cast(grads[1][i], tf.bfloat16), tf.uint16).numpy())
+    for got, want in zip([grads[0][2], *grads[0][3], *grads[0][4]],
+                         [grads[1][2], *grads[1][3], *grads[1][4]]):
         np.testing.assert_array_equal(got.numpy(), want.numpy())
 
 
@@ -145,19 +155,105 @@ def test_mismatched_weights_are_named():
         sigmoid_mlp(pre, [tf.zeros([4, 1])], [])
 
 
+
+def _grouped_problem(groups, repeat, width, widths, seed):
+    rng = np.random.default_rng(seed)
+    shared, kernels, biases, _ = _problem(groups, widths, seed)
+    inputs = rng.normal(size=(groups * repeat, width)).astype(np.float32)
+    first = (rng.normal(size=(width, widths[0])) / np.sqrt(width)).astype(np.float32)
+    dout = rng.normal(size=(groups * repeat, widths[-1])).astype(np.float32)
+    return inputs, shared, first, kernels, biases, dout
+
+
+def _numpy_grouped(inputs, shared, first, kernels, biases, dout, bf16):
+    """pre = inputs first + shared repeated over each group, then :func:`_numpy_mlp`; the
+    first product's operands rounded to bfloat16 with ``bf16`` (it is a hidden product)."""
+    repeat = len(inputs) // len(shared)
+    operand = _bf16 if bf16 else (lambda x: x)
+    pre = (operand(inputs).astype(np.float64) @ operand(first)
+           + np.repeat(shared.astype(np.float64), repeat, axis=0))
+    out, d_pre, kernel_grads, bias_grads = _numpy_mlp(pre, kernels, biases, dout, bf16)
+    d_shared = d_pre.reshape(len(shared), repeat, -1).sum(axis=1)
+    d_inputs = operand(d_pre) @ operand(first).T
+    d_first = operand(inputs).T @ operand(d_pre)
+    return out, d_inputs, d_shared, d_first, kernel_grads, bias_grads
+
+
+def _fused_grouped(inputs, shared, first, kernels, biases, dout, dtype):
+    constants = [tf.constant(t) for t in (inputs, shared)]
+    variables = [tf.Variable(t) for t in [first, *kernels, *biases]]
+    layers = len(kernels)
+    with tf.GradientTape() as tape:
+        tape.watch(constants)
+        out = sigmoid_mlp(tf.cast(constants[1], dtype), variables[1:1 + layers],
+                          variables[1 + layers:], inputs=tf.cast(constants[0], dtype),
+                          first_kernel=variables[0])
+        loss = tf.reduce_sum(out * dout)
+    grads = [g.numpy() for g in tape.gradient(loss, constants + variables)]
+    return (out.numpy(), grads[0], grads[1], grads[2], grads[3:3 + layers], grads[3 + layers:])
+
+
+# repeat 2: the auxiliary tower's pairs; 10: the attention unit's steps; 7 does not divide the
+# 256 rows of a block (blocks of 252 rows); 300 groups of 7 = 2,100 rows: 9 blocks, one partial.
+@pytest.mark.parametrize("groups,repeat", [(1, 1), (300, 2), (90, 10), (300, 7)])
+def test_a_first_layer_shared_by_groups_of_rows_matches_numpy(groups, repeat):
+    problem = _grouped_problem(groups, repeat, 6, (9, 5, 1), seed=groups + repeat)
+    got = _fused_grouped(*problem, tf.float32)
+    want = _numpy_grouped(*problem, bf16=False)
+    names = ["outputs", "d inputs", "d shared", "d first kernel"]
+    for name, a, b in zip(names, got[:4], want[:4]):
+        assert a.shape == b.shape, name
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=name)
+    for a, b in zip(got[4] + got[5], want[4] + want[5]):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4, err_msg="later layers")
+
+
+def test_a_shared_first_layer_with_bfloat16_inputs_rounds_its_product_operands():
+    problem = _grouped_problem(200, 2, 32, (100, 50, 1), seed=11)
+    inputs, shared = _bf16(problem[0]), _bf16(problem[1])  # what bfloat16 tensors hold
+    problem = (inputs, shared, *problem[2:])
+    got = _fused_grouped(*problem, tf.bfloat16)
+    rounded = _numpy_grouped(*problem, bf16=True)
+    exact = _numpy_grouped(*problem, bf16=False)
+    want = rounded if HAS_BF16_PRODUCTS else exact
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-3, atol=1e-3, err_msg="outputs")
+    # the gradients of inputs and shared are bfloat16 tensors: compare at that precision
+    np.testing.assert_allclose(got[1], want[1], rtol=2e-2, atol=2e-3, err_msg="d inputs")
+    np.testing.assert_allclose(got[2], want[2], rtol=2e-2, atol=2e-3, err_msg="d shared")
+    np.testing.assert_allclose(got[3], want[3], rtol=1e-2, atol=1e-2, err_msg="d first kernel")
+    if HAS_BF16_PRODUCTS:
+        error = lambda reference: np.abs(got[3] - reference[3]).mean()  # noqa: E731
+        assert error(rounded) < error(exact) / 4
+
+
+def test_rows_that_are_not_whole_groups_and_a_wrong_first_kernel_are_named():
+    kernels, biases = [tf.zeros([4, 1])], [tf.zeros([1])]
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"whole number of groups"):
+        sigmoid_mlp(tf.zeros([3, 4]), kernels, biases, inputs=tf.zeros([7, 2]),
+                    first_kernel=tf.zeros([2, 4]))
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"first_kernel must be \[2, 4\]"):
+        sigmoid_mlp(tf.zeros([3, 4]), kernels, biases, inputs=tf.zeros([6, 2]),
+                    first_kernel=tf.zeros([3, 4]))
+    with pytest.raises(ValueError, match="together"):
+        sigmoid_mlp(tf.zeros([3, 4]), kernels, biases, inputs=tf.zeros([6, 2]))
+
+
 THREADS_SCRIPT = r"""
 rng = np.random.default_rng(0)
-pre = tf.constant(rng.normal(size=(1500, 100)).astype(np.float32))  # 6 blocks, the last partial
+shared = tf.constant(rng.normal(size=(500, 100)).astype(np.float32))  # 6 blocks, the last partial
+inputs = tf.constant(rng.normal(size=(1500, 8)).astype(np.float32))  # groups of 3 rows
+first = tf.constant(rng.normal(size=(8, 100)).astype(np.float32))
 kernels = [tf.constant(rng.normal(size=s).astype(np.float32) * 0.2) for s in [(100, 50), (50, 1)]]
 biases = [tf.constant(rng.normal(size=(s,)).astype(np.float32)) for s in (50, 1)]
 dout = tf.constant(rng.normal(size=(1500, 1)).astype(np.float32))
 out = {}
 for threads in (1, 3):
     for bf16 in (False, True):
-        y = lib.sim_merlin_sigmoid_mlp(pre, kernels, biases, bf16_products=bf16, threads=threads)
-        d_pre, d_k, d_b = lib.sim_merlin_sigmoid_mlp_grad(pre, kernels, biases, dout,
-                                                          bf16_products=bf16, threads=threads)
-        out[threads, bf16] = [t.numpy() for t in (y, d_pre, *d_k, *d_b)]
+        options = dict(bf16_products=bf16, threads=threads)
+        y = lib.sim_merlin_sigmoid_mlp(inputs, shared, first, kernels, biases, **options)
+        d_x, d_shared, d_first, d_k, d_b = lib.sim_merlin_sigmoid_mlp_grad(
+            inputs, shared, first, kernels, biases, dout, **options)
+        out[threads, bf16] = [t.numpy() for t in (y, d_x, d_shared, d_first, *d_k, *d_b)]
 for bf16 in (False, True):
     for x, y in zip(out[1, bf16], out[3, bf16]):
         assert np.array_equal(x, y), "results depend on the number of threads"
