@@ -97,17 +97,20 @@ class TargetAttention(mm.Block):
                 first.build(tf.TensorShape([None, 4 * dim]))
         w_key, w_query, w_diff, w_prod = tf.split(first.kernel, 4, axis=0)
         query = tf.cast(query, keys.dtype)
+        shape = tf.shape(keys)
+        if self.activation == "sigmoid" and model_ops.available():
+            # The whole unit as one op (sim_merlin.kernels.sigmoid_mlp), same function: the query
+            # is a group input shared by a sample's steps, e * q its product term.
+            kernels, biases = fused_mlp.keras_weights(rest, first.units)
+            scores = fused_mlp.sigmoid_mlp(
+                tf.reshape(keys, [-1, dim]), [w_key + w_diff, *kernels], [first.bias, *biases],
+                groups=query, group_kernel=w_query - w_diff, product_kernel=w_prod)
+            return tf.reshape(tf.cast(scores, keys.dtype), shape[:2])
         per_step = tf.concat([keys, keys * tf.expand_dims(query, 1)], axis=-1)
         per_step = tf.reshape(per_step, [-1, 2 * dim])
         w_step = tf.concat([w_key + w_diff, w_prod], axis=0)
         per_row = tf.nn.bias_add(tf.matmul(query, tf.cast(w_query - w_diff, keys.dtype)),
                                  tf.cast(first.bias, keys.dtype))
-        shape = tf.shape(keys)
-        if self.activation == "sigmoid" and model_ops.available():
-            # The whole unit as one op (sim_merlin.kernels.sigmoid_mlp), same function: a
-            # sample's steps share the query's part of the first layer.
-            scores = fused_mlp.keras_layers(per_row, rest, inputs=per_step, first_kernel=w_step)
-            return tf.reshape(tf.cast(scores, keys.dtype), shape[:2])
         hidden = tf.matmul(per_step, tf.cast(w_step, keys.dtype))
         hidden = tf.reshape(hidden, tf.stack([shape[0], shape[1], hidden.shape[-1]]))
         # The other layers on a 2-D [batch * length, units] input: product, bias and activation

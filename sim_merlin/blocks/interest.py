@@ -303,17 +303,19 @@ class AuxiliaryLoss(mm.Block):
             with tf.init_scope():
                 first.build(tf.TensorShape([None, state_dim + later[0].shape[-1]]))
         w_state, w_behaviour = tf.split(first.kernel, [state_dim, -1], axis=0)
-        shared = _dense_apply(earlier, tf.cast(w_state, states.dtype),
-                              tf.cast(first.bias, states.dtype))  # [batch, length - 1, units]
         if self.dropout is None and model_ops.available():
-            # The whole tower as one op (sim_merlin.kernels.sigmoid_mlp), same function: the
-            # rows are the (positive, negative) pairs of each step, sharing the state's part.
+            # The whole tower as one op (sim_merlin.kernels.sigmoid_mlp), same function: its rows
+            # are each step's (positive, negative) pair, the state a group input they share.
             pairs = tf.stack(later, axis=2)  # [batch, length - 1, 2, dim]
-            logits = fused_mlp.keras_layers(
-                tf.reshape(shared, [-1, shared.shape[-1]]), self.scorer_layers[1:],
-                inputs=tf.reshape(pairs, [-1, pairs.shape[-1]]), first_kernel=w_behaviour)
+            kernels, biases = fused_mlp.keras_weights(self.scorer_layers[1:], first.units)
+            logits = fused_mlp.sigmoid_mlp(
+                tf.reshape(pairs, [-1, pairs.shape[-1]]), [w_behaviour, *kernels],
+                [first.bias, *biases], groups=tf.reshape(earlier, [-1, state_dim]),
+                group_kernel=w_state)
             click, no_click = tf.unstack(tf.reshape(logits, tf.shape(pairs)[:-1]), axis=-1)
             return click, no_click
+        shared = _dense_apply(earlier, tf.cast(w_state, states.dtype),
+                              tf.cast(first.bias, states.dtype))  # [batch, length - 1, units]
         behaviours = tf.stack(later)  # [2, batch, length - 1, dim]: one product for both
         pre = tf.expand_dims(shared, 0) + _dense_apply(behaviours,
                                                        tf.cast(w_behaviour, states.dtype))

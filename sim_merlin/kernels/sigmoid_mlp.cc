@@ -1,21 +1,22 @@
-// DIEN's sigmoid MLPs as one op (sim_merlin.kernels).
+// DIEN's sigmoid MLPs as one op each way (sim_merlin.kernels).
 //
 // The auxiliary tower (100-50-1 over 2 x 9 pairs per sample) and DIEN's attention unit (80-40-1
 // over 10 steps per sample) are MLPs with sigmoid activations over many short rows. As TensorFlow
 // ops each layer is a product, a bias, a sigmoid, and twice as many ops backward, each a pass
-// over memory. Both callers share a part of the first layer between consecutive rows (the
-// auxiliary tower's state between a pair, the attention unit's query between the steps of a
-// sample), so the op takes the first layer in two parts: rows come in groups of `repeat`
-// (= rows / shared rows), and
+// over memory; these kernels run the whole MLP of a block of rows in cache. Both callers' rows
+// come in groups that share a part of the first layer's input (the auxiliary tower's state
+// between a positive and a negative pair; the attention unit's query between the steps of a
+// sample), so the first layer takes per-row inputs x [N, D] and per-group inputs g [M, G], each
+// group r = N / M consecutive rows:
 //
-// SimMerlinSigmoidMlp (L = layers >= 1 dense layers after the first):
-//   a_0 = sigmoid(x_n W + shared_{n / repeat});  a_i = sigmoid(a_{i-1} K_{i-1} + b_{i-1}) for i < L;
-//   out = a_{L-1} K_{L-1} + b_{L-1}  (the output layer is linear)
-// x may have no columns (then the first layer's pre-activation is `shared`, one row per row).
-// Hidden products (W too) are bfloat16 with float32 sums when bf16_products (as TensorFlow's
-// products under mixed_bfloat16); the output layer's product is float32 (it is a few dot products
-// per row). The gradient kernel recomputes the activations of its block; the shared part's
-// gradient is the sum of its group's rows.
+// SimMerlinSigmoidMlp (L = layers >= 1 dense layers K_i, b_i; row n in group m = n / r):
+//   z_0 = x_n K_0 + g_m W_g + (x_n * g_m) W_p + b_0    (W_g, W_p may have no rows: no term)
+//   a_i = sigmoid(z_i) for i < L - 1;  z_i = a_{i-1} K_i + b_i;  out = z_{L-1} (linear)
+// The group's part g_m W_g + b_0 is computed once per group. The product term is DIN's
+// [e, q, e - q, e * q] unit written without its concatenation (then G = D).
+// Hidden products are bfloat16 with float32 sums when bf16_products (as TensorFlow's products
+// under mixed_bfloat16); the output layer's product is float32 (a few dot products per row).
+// The gradient kernel recomputes the activations of its block.
 
 #include <algorithm>
 #include <vector>
@@ -31,7 +32,6 @@ namespace {
 
 using tensorflow::DEVICE_CPU;
 using tensorflow::OpInputList;
-using tensorflow::OpKernelConstruction;
 using tensorflow::OpKernelContext;
 using tensorflow::OpOutputList;
 using tensorflow::Status;
@@ -41,6 +41,7 @@ using tensorflow::shape_inference::InferenceContext;
 using tensorflow::shape_inference::ShapeHandle;
 
 using sim_merlin::Bfloat16;
+using sim_merlin::FloatBuffer;
 using sim_merlin::InputRows;
 using sim_merlin::Matrix;
 using sim_merlin::OutputRows;
@@ -50,26 +51,28 @@ using sim_merlin::StoreRows;
 using sim_merlin::View;
 using sim_merlin::Weight;
 using RowVector = Eigen::RowVectorXf;
+using ConstRows = Eigen::Map<const Matrix>;
 
 constexpr int64_t kRowsPerBlock = 256;  // a block's activations stay in L2 (whole groups)
 
 REGISTER_OP("SimMerlinSigmoidMlp")
-    .Attr("T: {float, bfloat16}")  // the pre-activation's dtype (rows.h)
+    .Attr("T: {float, bfloat16}")  // the inputs' dtype (rows.h)
     .Attr("layers: int >= 1")
     .Attr("bf16_products: bool = false")  // bfloat16 hidden products, float32 sums
     .Attr("threads: int = 0")  // > 1: own threads when the intra-op pool has one (parallel.h)
-    .Input("inputs: T")                // x [N, D]: each row's own input (D may be 0)
-    .Input("shared: T")                // [M, H_0]: a pre-activation part per group of N / M rows
-    .Input("first_kernel: float")      // W [D, H_0]
-    .Input("kernels: layers * float")  // K_i [H_i, H_{i+1}]
-    .Input("biases: layers * float")   // b_i [H_{i+1}]
-    .Output("outputs: float")          // [N, H_L]
+    .Input("inputs: T")                // x [N, D]
+    .Input("groups: T")                // g [M, G]: one row per group of N / M rows
+    .Input("group_kernel: float")      // W_g [G, H_0]
+    .Input("product_kernel: float")    // W_p [D or 0, H_0]
+    .Input("kernels: layers * float")  // K_0 [D, H_0], K_i [H_{i-1}, H_i]
+    .Input("biases: layers * float")   // b_i [H_i]
+    .Output("outputs: float")          // [N, H_{L-1}]
     .SetShapeFn([](InferenceContext* c) {
       int layers = 0;
       TF_RETURN_IF_ERROR(c->GetAttr("layers", &layers));
       ShapeHandle x, last;
       TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 2, &x));
-      TF_RETURN_IF_ERROR(c->WithRank(c->input(2 + layers), 2, &last));
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(3 + layers), 2, &last));
       c->set_output(0, c->Matrix(c->Dim(x, 0), c->Dim(last, 1)));
       return Status();
     });
@@ -80,63 +83,56 @@ REGISTER_OP("SimMerlinSigmoidMlpGrad")
     .Attr("bf16_products: bool = false")
     .Attr("threads: int = 0")
     .Input("inputs: T")
-    .Input("shared: T")
-    .Input("first_kernel: float")
+    .Input("groups: T")
+    .Input("group_kernel: float")
+    .Input("product_kernel: float")
     .Input("kernels: layers * float")
     .Input("biases: layers * float")
-    .Input("outputs_grad: float")  // [N, H_L]
+    .Input("outputs_grad: float")  // [N, H_{L-1}]
     .Output("inputs_grad: T")
-    .Output("shared_grad: T")
-    .Output("first_kernel_grad: float")
+    .Output("groups_grad: T")
+    .Output("group_kernel_grad: float")
+    .Output("product_kernel_grad: float")
     .Output("kernels_grad: layers * float")
     .Output("biases_grad: layers * float")
     .SetShapeFn([](InferenceContext* c) {
       int layers = 0;
       TF_RETURN_IF_ERROR(c->GetAttr("layers", &layers));
-      for (int i = 0; i < 3 + 2 * layers; ++i) c->set_output(i, c->input(i));
+      for (int i = 0; i < 4 + 2 * layers; ++i) c->set_output(i, c->input(i));
       return Status();
     });
 
-// The op's inputs, checked against each other, and its weights viewed and packed. The first
-// layer's weight W is weight 0 (it is a hidden product); K_i is weight i + 1.
+// The op's inputs checked against each other, and its weights viewed and packed. The first
+// layer's per-row weight is [K_0; W_p] (one product over [x, x * g]).
 class Layers {
  public:
   Status Read(OpKernelContext* context, bool bf16, bool transposed_too) {
-    const Tensor &x = context->input(0), &shared = context->input(1);
+    const Tensor &x = context->input(0), &g = context->input(1);
+    const Tensor &group_kernel = context->input(2), &product_kernel = context->input(3);
     OpInputList kernels, biases;
     TF_RETURN_IF_ERROR(context->input_list("kernels", &kernels));
     TF_RETURN_IF_ERROR(context->input_list("biases", &biases));
-    if (x.dims() != 2 || shared.dims() != 2) {
+    if (x.dims() != 2 || g.dims() != 2) {
       return tensorflow::errors::InvalidArgument(
-          "inputs and shared must be [rows, columns], got ", x.shape().DebugString(), " and ",
-          shared.shape().DebugString());
+          "inputs and groups must be [rows, columns], got ", x.shape().DebugString(), " and ",
+          g.shape().DebugString());
     }
     rows_ = x.dim_size(0);
-    const int64_t groups = shared.dim_size(0);
+    const int64_t groups = g.dim_size(0);
     if (groups == 0 ? rows_ != 0 : rows_ % groups != 0) {
       return tensorflow::errors::InvalidArgument(
           "the rows of inputs (", rows_, ") must be a whole number of groups, one per row of "
-          "shared (", groups, ")");
+          "groups (", groups, ")");
     }
     repeat_ = groups == 0 ? 1 : rows_ / groups;
-    // Whole groups per block, about kRowsPerBlock rows.
-    block_rows_ = std::max<int64_t>(1, kRowsPerBlock / repeat_) * repeat_;
+    block_rows_ = std::max<int64_t>(1, kRowsPerBlock / repeat_) * repeat_;  // whole groups
     input_width_ = x.dim_size(1);
-    const Tensor& first = context->input(2);
-    if (first.dims() != 2 || first.dim_size(0) != input_width_ ||
-        first.dim_size(1) != shared.dim_size(1)) {
-      return tensorflow::errors::InvalidArgument(
-          "first_kernel must be [", input_width_, ", ", shared.dim_size(1), "] (inputs' columns, "
-          "shared's columns), got ", first.shape().DebugString());
-    }
-    widths_ = {shared.dim_size(1)};
-    AddWeight({first.flat<float>().data(), input_width_, widths_[0], widths_[0], 1},
-              bf16 && input_width_ > 0,
-              transposed_too);
+    group_width_ = g.dim_size(1);
     for (int i = 0; i < kernels.size(); ++i) {
       const Tensor &kernel = kernels[i], &bias = biases[i];
-      if (kernel.dims() != 2 || kernel.dim_size(0) != widths_.back()) {
-        return tensorflow::errors::InvalidArgument("kernels[", i, "] must be [", widths_.back(),
+      const int64_t fan_in = i == 0 ? input_width_ : widths_.back();
+      if (kernel.dims() != 2 || kernel.dim_size(0) != fan_in) {
+        return tensorflow::errors::InvalidArgument("kernels[", i, "] must be [", fan_in,
                                                    ", units], got ", kernel.shape().DebugString());
       }
       const int64_t width = kernel.dim_size(1);
@@ -144,11 +140,38 @@ class Layers {
         return tensorflow::errors::InvalidArgument("biases[", i, "] must have ", width,
                                                    " elements, got ", bias.shape().DebugString());
       }
-      const bool output_layer = i + 1 == kernels.size();
-      AddWeight({kernel.flat<float>().data(), widths_.back(), width, width, 1},
-                bf16 && !output_layer, transposed_too);
       biases_.push_back(bias.flat<float>().data());
       widths_.push_back(width);
+    }
+    const int64_t first = widths_[0];
+    const bool first_bf16 = bf16 && kernels.size() > 1;  // the first layer is a hidden one
+    if (group_kernel.dims() != 2 || group_kernel.dim_size(0) != group_width_ ||
+        group_kernel.dim_size(1) != first) {
+      return tensorflow::errors::InvalidArgument("group_kernel must be [", group_width_, ", ",
+                                                 first, "], got ",
+                                                 group_kernel.shape().DebugString());
+    }
+    product_width_ = product_kernel.dims() == 2 ? product_kernel.dim_size(0) : -1;
+    if (product_kernel.dims() != 2 || product_kernel.dim_size(1) != first ||
+        (product_width_ != 0 && (product_width_ != input_width_ ||
+                                 group_width_ != input_width_))) {
+      return tensorflow::errors::InvalidArgument(
+          "product_kernel must be [0, ", first, "] or, when inputs and groups have the same "
+          "width, [", input_width_, ", ", first, "]; got ", product_kernel.shape().DebugString(),
+          " for inputs of width ", input_width_, " and groups of width ", group_width_);
+    }
+    row_kernel_.resize(input_width_ + product_width_, first);
+    row_kernel_.topRows(input_width_) = ConstRows(kernels[0].flat<float>().data(), input_width_,
+                                                  first);
+    row_kernel_.bottomRows(product_width_) =
+        ConstRows(product_kernel.flat<float>().data(), product_width_, first);
+    AddWeight(View::Of(row_kernel_), first_bf16 && row_kernel_.rows() > 0, transposed_too);
+    AddWeight({group_kernel.flat<float>().data(), group_width_, first, first, 1},
+              first_bf16 && group_width_ > 0, transposed_too);
+    for (int i = 1; i < kernels.size(); ++i) {
+      const bool output_layer = i + 1 == kernels.size();
+      AddWeight({kernels[i].flat<float>().data(), widths_[i - 1], widths_[i], widths_[i], 1},
+                bf16 && !output_layer, transposed_too);
     }
     return Status();
   }
@@ -156,55 +179,76 @@ class Layers {
   int64_t rows() const { return rows_; }
   int64_t repeat() const { return repeat_; }
   int64_t block_rows() const { return block_rows_; }
-  int64_t input_width() const { return input_width_; }
-  int count() const { return static_cast<int>(biases_.size()); }  // layers after the first
-  int64_t width(int i) const { return widths_[i]; }  // H_i; width(count()) is the output's
-  const Weight& weight(int i) const { return weights_[i]; }  // 0: W; i > 0: K_{i-1}
-  const Weight& transposed(int i) const { return transposed_[i]; }
-  Eigen::Map<const RowVector> bias(int i) const { return {biases_[i], widths_[i + 1]}; }
+  int64_t input_width() const { return input_width_; }      // D
+  int64_t group_width() const { return group_width_; }      // G
+  int64_t product_width() const { return product_width_; }  // P: D or 0
+  int64_t row_width() const { return input_width_ + product_width_; }  // [x, x * g]
+  int count() const { return static_cast<int>(biases_.size()); }  // L
+  int64_t width(int i) const { return widths_[i]; }                // H_i
+  bool output_layer(int i) const { return i + 1 == count(); }
+  // 0: [K_0; W_p]; 1: W_g; i + 1 for i >= 1: K_i
+  const Weight& weight(int k) const { return weights_[k]; }
+  const Weight& transposed(int k) const { return transposed_[k]; }
+  Eigen::Map<const RowVector> bias(int i) const { return {biases_[i], widths_[i]}; }
 
   // Multiply-adds per row, forward.
   int64_t Cost() const {
-    int64_t cost = input_width_ * widths_[0];
-    for (int i = 0; i < count(); ++i) cost += widths_[i] * widths_[i + 1];
+    int64_t cost = (row_width() + group_width_ / repeat_) * widths_[0];
+    for (int i = 1; i < count(); ++i) cost += widths_[i - 1] * widths_[i];
     return cost;
   }
 
-  // The first layer's pre-activation of rows [begin, begin + n) (whole groups): x W + shared.
-  // `x` is the block's inputs as float32 [n, D].
-  template <typename T>
-  Matrix PreActivation(const float* x, const T* shared, int64_t begin, int64_t n,
-                       Products* hidden) const {
-    const int64_t width = widths_[0], groups = n / repeat_;
-    sim_merlin::FloatBuffer buffer;
-    const Eigen::Map<const Matrix> shared_rows(
-        InputRows(shared + begin / repeat_ * width, groups * width, &buffer), groups, width);
-    Matrix pre(n, width);
-    if (input_width_ == 0) {
-      pre = shared_rows;  // repeat is 1
-      return pre;
+  // The first product's left operand of n rows: x, or [x, x * g] with the product term.
+  const float* RowInputs(const float* x, const float* g, int64_t n, Matrix* joined) const {
+    if (product_width_ == 0) return x;
+    const int64_t d = input_width_;
+    joined->resize(n, 2 * d);
+    const ConstRows x_rows(x, n, d), g_rows(g, n / repeat_, d);
+    joined->leftCols(d) = x_rows;
+    for (int64_t m = 0; m < n / repeat_; ++m) {
+      joined->block(m * repeat_, d, repeat_, d) =
+          (x_rows.middleRows(m * repeat_, repeat_).array().rowwise() * g_rows.row(m).array())
+              .matrix();
     }
-    hidden->Multiply(View{x, n, input_width_, input_width_, 1}, weights_[0], pre.data(), width,
-                     false);
-    for (int64_t g = 0; g < groups; ++g) pre.middleRows(g * repeat_, repeat_).rowwise() +=
-        shared_rows.row(g);
-    return pre;
+    return joined->data();
   }
 
-  // The activations a_0 .. a_{L-1} of n rows and the output [n, H_L].
-  void Forward(const Matrix& pre, Products* hidden, Products* output,
-               std::vector<Matrix>* activations, Matrix* out) const {
-    activations->resize(count());
-    (*activations)[0] = Sigmoid(pre.array()).matrix();
+  // z_0 .. z_{L-1} of n rows (whole groups) from their row inputs ([x, x * g]) and groups;
+  // activations[i] = sigmoid(z_i) for i < L - 1, `out` = z_{L-1}.
+  void Forward(const float* row_inputs, const float* g, int64_t n, Products* hidden,
+               Products* output, std::vector<Matrix>* activations, Matrix* out) const {
+    activations->resize(count() - 1);
+    const int64_t groups = n / repeat_;
+    Matrix& first = output_layer(0) ? *out : (*activations)[0];
+    Products& first_products = output_layer(0) ? *output : *hidden;
+    first.resize(n, widths_[0]);
+    if (row_width() > 0) {
+      first_products.Multiply(View{row_inputs, n, row_width(), row_width(), 1}, weights_[0],
+                              first.data(), widths_[0], false);
+    } else {
+      first.setZero();
+    }
+    Matrix shared(groups, widths_[0]);  // g W_g + b_0, once per group
+    if (group_width_ > 0) {
+      first_products.Multiply(View{g, groups, group_width_, group_width_, 1}, weights_[1],
+                              shared.data(), widths_[0], false);
+      shared.rowwise() += bias(0);
+    } else {
+      shared.rowwise() = bias(0);
+    }
+    for (int64_t m = 0; m < groups; ++m) {
+      first.middleRows(m * repeat_, repeat_).rowwise() += shared.row(m);
+    }
     for (int i = 0; i < count(); ++i) {
-      const bool output_layer = i + 1 == count();
-      Matrix& target = output_layer ? *out : (*activations)[i + 1];
-      target.resize(pre.rows(), widths_[i + 1]);
-      (output_layer ? output : hidden)
-          ->Multiply(View::Of((*activations)[i]), weights_[i + 1], target.data(), widths_[i + 1],
-                     false);
-      target.rowwise() += bias(i);
-      if (!output_layer) target.array() = Sigmoid(target.array());
+      if (i > 0) {
+        Matrix& target = output_layer(i) ? *out : (*activations)[i];
+        target.resize(n, widths_[i]);
+        (output_layer(i) ? output : hidden)
+            ->Multiply(View::Of((*activations)[i - 1]), weights_[i + 1], target.data(),
+                       widths_[i], false);
+        target.rowwise() += bias(i);
+      }
+      if (!output_layer(i)) (*activations)[i].array() = Sigmoid((*activations)[i].array());
     }
   }
 
@@ -214,7 +258,9 @@ class Layers {
     if (transposed_too) transposed_.emplace_back(view.Transposed(), bf16);
   }
 
-  int64_t rows_ = 0, repeat_ = 1, block_rows_ = kRowsPerBlock, input_width_ = 0;
+  int64_t rows_ = 0, repeat_ = 1, block_rows_ = kRowsPerBlock;
+  int64_t input_width_ = 0, group_width_ = 0, product_width_ = 0;
+  Matrix row_kernel_;
   std::vector<int64_t> widths_;
   std::vector<Weight> weights_, transposed_;
   std::vector<const float*> biases_;
@@ -228,23 +274,25 @@ class SigmoidMlpOp : public sim_merlin::RowBlockKernel {
   void Compute(OpKernelContext* context) override {
     Layers layers;
     OP_REQUIRES_OK(context, layers.Read(context, bf16_, false));
-    const int64_t rows = layers.rows(), outputs = layers.width(layers.count());
-    const int64_t input_width = layers.input_width();
+    const int64_t rows = layers.rows(), outputs = layers.width(layers.count() - 1);
+    const int64_t d = layers.input_width(), g_width = layers.group_width();
+    const int64_t repeat = layers.repeat();
     Tensor* out = nullptr;
     OP_REQUIRES_OK(context, context->allocate_output(0, TensorShape({rows, outputs}), &out));
     const T* x = context->input(0).flat<T>().data();
-    const T* shared = context->input(1).flat<T>().data();
+    const T* g = context->input(1).flat<T>().data();
     float* o = out->flat<float>().data();
     sim_merlin::ForEachRowBlock(
         context, threads_, rows, layers.block_rows(), 2 * layers.Cost(),
         [&](int64_t begin, int64_t end) {
-          const int64_t n = end - begin;
+          const int64_t n = end - begin, first_group = begin / repeat, groups = n / repeat;
           Products hidden(bf16_), output(false);
-          sim_merlin::FloatBuffer buffer;
-          const float* x_rows = InputRows(x + begin * input_width, n * input_width, &buffer);
+          FloatBuffer x_buffer, g_buffer;
+          const float* x_rows = InputRows(x + begin * d, n * d, &x_buffer);
+          const float* g_rows = InputRows(g + first_group * g_width, groups * g_width, &g_buffer);
+          Matrix joined, block_out;
           std::vector<Matrix> activations;
-          Matrix block_out;
-          layers.Forward(layers.PreActivation(x_rows, shared, begin, n, &hidden), &hidden,
+          layers.Forward(layers.RowInputs(x_rows, g_rows, n, &joined), g_rows, n, &hidden,
                          &output, &activations, &block_out);
           std::copy_n(block_out.data(), n * outputs, o + begin * outputs);
         });
@@ -260,112 +308,151 @@ class SigmoidMlpGradOp : public sim_merlin::RowBlockKernel {
     Layers layers;
     OP_REQUIRES_OK(context, layers.Read(context, bf16_, true));
     const int count = layers.count();
-    const Tensor& out_grad = context->input(3 + 2 * count);
-    const int64_t rows = layers.rows(), outputs = layers.width(count);
-    const int64_t input_width = layers.input_width(), width = layers.width(0);
-    const int64_t repeat = layers.repeat(), block_rows = layers.block_rows();
+    const Tensor& out_grad = context->input(4 + 2 * count);
+    const int64_t rows = layers.rows(), outputs = layers.width(count - 1);
+    const int64_t d = layers.input_width(), g_width = layers.group_width();
+    const int64_t p_width = layers.product_width(), row_width = layers.row_width();
+    const int64_t first = layers.width(0), repeat = layers.repeat();
+    const int64_t block_rows = layers.block_rows();
     OP_REQUIRES(context, out_grad.dims() == 2 && out_grad.dim_size(0) == rows &&
                              out_grad.dim_size(1) == outputs,
                 tensorflow::errors::InvalidArgument("outputs_grad must be [", rows, ", ", outputs,
                                                     "], got ", out_grad.shape().DebugString()));
-    Tensor *x_grad = nullptr, *shared_grad = nullptr;
+    Tensor *x_grad = nullptr, *g_grad = nullptr, *group_kernel_grad = nullptr,
+           *product_kernel_grad = nullptr;
     OP_REQUIRES_OK(context, context->allocate_output(0, context->input(0).shape(), &x_grad));
-    OP_REQUIRES_OK(context, context->allocate_output(1, context->input(1).shape(), &shared_grad));
-    // Weight gradients: 0 is W's, i > 0 is K_{i-1}'s (with bias i - 1's).
-    std::vector<Eigen::Map<Matrix>> dK;
-    std::vector<Eigen::Map<RowVector>> db;
-    Tensor* first_grad = nullptr;
-    OP_REQUIRES_OK(context, context->allocate_output(2, context->input(2).shape(), &first_grad));
-    dK.emplace_back(first_grad->flat<float>().data(), input_width, width);
+    OP_REQUIRES_OK(context, context->allocate_output(1, context->input(1).shape(), &g_grad));
+    OP_REQUIRES_OK(context,
+                   context->allocate_output(2, context->input(2).shape(), &group_kernel_grad));
+    OP_REQUIRES_OK(context,
+                   context->allocate_output(3, context->input(3).shape(), &product_kernel_grad));
     OpOutputList kernel_grads, bias_grads;
     OP_REQUIRES_OK(context, context->output_list("kernels_grad", &kernel_grads));
     OP_REQUIRES_OK(context, context->output_list("biases_grad", &bias_grads));
+    std::vector<Tensor*> dK(count), db(count);
     for (int i = 0; i < count; ++i) {
-      Tensor *kernel_grad = nullptr, *bias_grad = nullptr;
-      OP_REQUIRES_OK(context, kernel_grads.allocate(i, context->input(3 + i).shape(),
-                                                    &kernel_grad));
-      OP_REQUIRES_OK(context, bias_grads.allocate(i, context->input(3 + count + i).shape(),
-                                                  &bias_grad));
-      dK.emplace_back(kernel_grad->flat<float>().data(), layers.width(i), layers.width(i + 1));
-      db.emplace_back(bias_grad->flat<float>().data(), layers.width(i + 1));
-      db.back().setZero();
+      OP_REQUIRES_OK(context, kernel_grads.allocate(i, context->input(4 + i).shape(), &dK[i]));
+      OP_REQUIRES_OK(context,
+                     bias_grads.allocate(i, context->input(4 + count + i).shape(), &db[i]));
     }
-    for (auto& k : dK) k.setZero();
-    // Each block's weight gradients, summed in block order afterwards: the same result whatever
-    // the threads (--deterministic).
+    // Each block's weight gradients (k as in Layers::weight), summed in block order afterwards:
+    // the same result whatever the threads (--deterministic).
     const int64_t blocks = sim_merlin::BlockCount(rows, block_rows);
-    std::vector<std::vector<Matrix>> block_dK(blocks);
+    std::vector<std::vector<Matrix>> block_dW(blocks);
     std::vector<std::vector<RowVector>> block_db(blocks);
     const T* x = context->input(0).flat<T>().data();
-    const T* shared = context->input(1).flat<T>().data();
+    const T* g = context->input(1).flat<T>().data();
     const float* dout = out_grad.flat<float>().data();
     T* x_grad_rows = x_grad->flat<T>().data();
-    T* shared_grad_rows = shared_grad->flat<T>().data();
+    T* g_grad_rows = g_grad->flat<T>().data();
 
     sim_merlin::ForEachRowBlock(
         context, threads_, rows, block_rows, 6 * layers.Cost(), [&](int64_t begin, int64_t end) {
-          const int64_t n = end - begin, groups = n / repeat;
+          const int64_t n = end - begin, first_group = begin / repeat, groups = n / repeat;
           Products hidden(bf16_), output(false);
-          sim_merlin::FloatBuffer x_buffer;
-          const float* x_rows = InputRows(x + begin * input_width, n * input_width, &x_buffer);
+          FloatBuffer x_buffer, g_buffer, grad_buffer;
+          const float* x_rows = InputRows(x + begin * d, n * d, &x_buffer);
+          const float* g_rows = InputRows(g + first_group * g_width, groups * g_width, &g_buffer);
+          Matrix joined, block_out;
           std::vector<Matrix> activations;
-          Matrix block_out;
-          layers.Forward(layers.PreActivation(x_rows, shared, begin, n, &hidden), &hidden,
-                         &output, &activations, &block_out);
-          std::vector<Matrix>& kernels_grad = block_dK[begin / block_rows];
-          std::vector<RowVector>& biases_grad = block_db[begin / block_rows];
-          kernels_grad.resize(count + 1);
-          biases_grad.resize(count);
-          // d: the gradient of layer i's output (pre-activation for hidden layers), [n, H_{i+1}]
-          Matrix d = Eigen::Map<const Matrix>(dout + begin * outputs, n, outputs);
-          for (int i = count - 1; i >= 0; --i) {
-            Products& products = i + 1 == count ? output : hidden;
-            kernels_grad[i + 1].resize(layers.width(i), layers.width(i + 1));
-            products.Multiply(View::Of(activations[i]).Transposed(), View::Of(d),
-                              kernels_grad[i + 1].data(), layers.width(i + 1), false);
-            biases_grad[i] = d.colwise().sum();
-            Matrix below(n, layers.width(i));
-            products.Multiply(View::Of(d), layers.transposed(i + 1), below.data(),
-                              layers.width(i), false);
-            const auto a = activations[i].array();
+          const float* row_inputs = layers.RowInputs(x_rows, g_rows, n, &joined);
+          layers.Forward(row_inputs, g_rows, n, &hidden, &output, &activations, &block_out);
+          std::vector<Matrix>& dW = block_dW[begin / block_rows];
+          std::vector<RowVector>& dbias = block_db[begin / block_rows];
+          dW.resize(count + 1);
+          dbias.resize(count);
+          // dz: the gradient of z_i, [n, H_i]
+          Matrix dz = Eigen::Map<const Matrix>(dout + begin * outputs, n, outputs);
+          for (int i = count - 1; i >= 1; --i) {
+            Products& products = layers.output_layer(i) ? output : hidden;
+            dW[i + 1].resize(layers.width(i - 1), layers.width(i));
+            products.Multiply(View::Of(activations[i - 1]).Transposed(), View::Of(dz),
+                              dW[i + 1].data(), layers.width(i), false);
+            dbias[i] = dz.colwise().sum();
+            Matrix below(n, layers.width(i - 1));
+            products.Multiply(View::Of(dz), layers.transposed(i + 1), below.data(),
+                              layers.width(i - 1), false);
+            const auto a = activations[i - 1].array();
             below.array() *= a * (1.0f - a);
-            d = std::move(below);
+            dz = std::move(below);
           }
-          // d is now the first layer's pre-activation gradient: the shared part's is its
-          // group's sum, the inputs' is d W^T, W's is x^T d.
-          sim_merlin::FloatBuffer grad_buffer;
-          float* ds = OutputRows(shared_grad_rows + begin / repeat * width, groups * width,
-                                 &grad_buffer);
-          Eigen::Map<Matrix> shared_rows(ds, groups, width);
-          for (int64_t g = 0; g < groups; ++g) {
-            shared_rows.row(g) = d.middleRows(g * repeat, repeat).colwise().sum();
+          // The first layer: its groups' part gets the sums of the group's rows.
+          Products& products = layers.output_layer(0) ? output : hidden;
+          Matrix group_sums(groups, first);
+          for (int64_t m = 0; m < groups; ++m) {
+            group_sums.row(m) = dz.middleRows(m * repeat, repeat).colwise().sum();
           }
-          StoreRows(ds, groups * width, shared_grad_rows + begin / repeat * width);
-          kernels_grad[0].resize(input_width, width);
-          if (input_width == 0) return;
-          const View x_view{x_rows, n, input_width, input_width, 1};
-          hidden.Multiply(x_view.Transposed(), View::Of(d), kernels_grad[0].data(), width, false);
-          float* dx = OutputRows(x_grad_rows + begin * input_width, n * input_width, &grad_buffer);
-          hidden.Multiply(View::Of(d), layers.transposed(0), dx, input_width, false);
-          StoreRows(dx, n * input_width, x_grad_rows + begin * input_width);
+          dbias[0] = group_sums.colwise().sum();
+          Matrix dg = Matrix::Zero(groups, g_width);
+          dW[1].resize(g_width, first);
+          if (g_width > 0) {
+            const View g_view{g_rows, groups, g_width, g_width, 1};
+            products.Multiply(g_view.Transposed(), View::Of(group_sums), dW[1].data(), first,
+                              false);
+            products.Multiply(View::Of(group_sums), layers.transposed(1), dg.data(), g_width,
+                              false);
+          }
+          dW[0].resize(row_width, first);
+          if (row_width > 0) {
+            const View rows_view{row_inputs, n, row_width, row_width, 1};
+            products.Multiply(rows_view.Transposed(), View::Of(dz), dW[0].data(), first, false);
+            Matrix d_rows(n, row_width);  // the gradient of [x, x * g]
+            products.Multiply(View::Of(dz), layers.transposed(0), d_rows.data(), row_width,
+                              false);
+            float* dx = OutputRows(x_grad_rows + begin * d, n * d, &grad_buffer);
+            Eigen::Map<Matrix> dx_rows(dx, n, d);
+            dx_rows = d_rows.leftCols(d);
+            if (p_width > 0) {  // x * g: d x += d(x g) g, d g += sum over the group of d(x g) x
+              const ConstRows x_block(x_rows, n, d), g_block(g_rows, groups, d);
+              for (int64_t m = 0; m < groups; ++m) {
+                const auto d_product = d_rows.block(m * repeat, d, repeat, d).array();
+                dx_rows.middleRows(m * repeat, repeat).array() +=
+                    d_product.rowwise() * g_block.row(m).array();
+                dg.row(m).array() +=
+                    (d_product * x_block.middleRows(m * repeat, repeat).array()).colwise().sum();
+              }
+            }
+            StoreRows(dx, n * d, x_grad_rows + begin * d);
+          }
+          float* dg_out = OutputRows(g_grad_rows + first_group * g_width, groups * g_width,
+                                     &grad_buffer);
+          std::copy_n(dg.data(), groups * g_width, dg_out);
+          StoreRows(dg_out, groups * g_width, g_grad_rows + first_group * g_width);
         });
-    for (int64_t block = 0; block < blocks; ++block) {
-      for (int i = 0; i <= count; ++i) dK[i] += block_dK[block][i];
-      for (int i = 0; i < count; ++i) db[i] += block_db[block][i];
+
+    // Sum the blocks' gradients in block order into the outputs.
+    Matrix row_kernel = Matrix::Zero(row_width, first);
+    Eigen::Map<Matrix> dWg(group_kernel_grad->flat<float>().data(), g_width, first);
+    dWg.setZero();
+    std::vector<Eigen::Map<Matrix>> dKi;
+    std::vector<Eigen::Map<RowVector>> dbi;
+    for (int i = 0; i < count; ++i) {
+      dKi.emplace_back(dK[i]->flat<float>().data(), dK[i]->dim_size(0), dK[i]->dim_size(1));
+      dbi.emplace_back(db[i]->flat<float>().data(), layers.width(i));
+      dKi.back().setZero();
+      dbi.back().setZero();
     }
+    for (int64_t block = 0; block < blocks; ++block) {
+      row_kernel += block_dW[block][0];
+      dWg += block_dW[block][1];
+      for (int i = 1; i < count; ++i) dKi[i] += block_dW[block][i + 1];
+      for (int i = 0; i < count; ++i) dbi[i] += block_db[block][i];
+    }
+    dKi[0] = row_kernel.topRows(d);
+    Eigen::Map<Matrix>(product_kernel_grad->flat<float>().data(), p_width, first) =
+        row_kernel.bottomRows(p_width);
   }
 };
 
-REGISTER_KERNEL_BUILDER(Name("SimMerlinSigmoidMlp").Device(DEVICE_CPU).TypeConstraint<float>("T"),
-                        SigmoidMlpOp<float>);
-REGISTER_KERNEL_BUILDER(
-    Name("SimMerlinSigmoidMlp").Device(DEVICE_CPU).TypeConstraint<Bfloat16>("T"),
-    SigmoidMlpOp<Bfloat16>);
-REGISTER_KERNEL_BUILDER(
-    Name("SimMerlinSigmoidMlpGrad").Device(DEVICE_CPU).TypeConstraint<float>("T"),
-    SigmoidMlpGradOp<float>);
-REGISTER_KERNEL_BUILDER(
-    Name("SimMerlinSigmoidMlpGrad").Device(DEVICE_CPU).TypeConstraint<Bfloat16>("T"),
-    SigmoidMlpGradOp<Bfloat16>);
+#define SIM_MERLIN_REGISTER(T)                                                            \
+  REGISTER_KERNEL_BUILDER(                                                                \
+      Name("SimMerlinSigmoidMlp").Device(DEVICE_CPU).TypeConstraint<T>("T"),              \
+      SigmoidMlpOp<T>);                                                                   \
+  REGISTER_KERNEL_BUILDER(                                                                \
+      Name("SimMerlinSigmoidMlpGrad").Device(DEVICE_CPU).TypeConstraint<T>("T"),          \
+      SigmoidMlpGradOp<T>);
+SIM_MERLIN_REGISTER(float)
+SIM_MERLIN_REGISTER(Bfloat16)
+#undef SIM_MERLIN_REGISTER
 
 }  // namespace

@@ -27,16 +27,18 @@ x, states, d_states = f(B, T, F), f(B, T, u), f(B, T, u)
 W, bx, U, b, Wg, Wc = f(F, 3 * u), f(3 * u), f(u, 3 * u), f(3 * u), f(u, 2 * u), f(u, u)
 mask = tf.constant((rng.uniform(size=(B, T)) < 0.8).astype(np.float32))
 scores = tf.constant(rng.uniform(size=(B, T)).astype(np.float32))
-inputs, shared, first, d_out = f(700, 11), f(350, 37), f(11, 37), f(700, 1)  # pairs of rows
-kernels, biases = [f(37, 20), f(20, 1)], [f(20), f(1)]
+inputs, groups, d_out = f(700, 11), f(350, 11), f(700, 1)  # pairs of rows
+group_kernel, product_kernel = f(11, 37), f(11, 37)
+kernels, biases = [f(11, 37), f(37, 20), f(20, 1)], [f(37), f(20), f(1)]
 o = dict(bf16_products=True, threads=1)
 results = [lib.sim_merlin_gru(x, W, bx, U, b, mask, **o),
            *lib.sim_merlin_gru_grad(x, W, bx, U, b, mask, states, d_states, **o),
            lib.sim_merlin_augru(x, W, bx, Wg, Wc, scores, mask, **o),
            *lib.sim_merlin_augru_grad(x, W, bx, Wg, Wc, scores, mask, d_states[:, 0], **o),
-           lib.sim_merlin_sigmoid_mlp(inputs, shared, first, kernels, biases, **o)]
+           lib.sim_merlin_sigmoid_mlp(inputs, groups, group_kernel, product_kernel, kernels,
+                                      biases, **o)]
 *first_grads, kernel_grads, bias_grads = lib.sim_merlin_sigmoid_mlp_grad(
-    inputs, shared, first, kernels, biases, d_out, **o)
+    inputs, groups, group_kernel, product_kernel, kernels, biases, d_out, **o)
 results += [*first_grads, *kernel_grads, *bias_grads]
 np.savez(sys.argv[1], *[r.numpy() for r in results])
 """
@@ -55,7 +57,7 @@ def test_amx_and_avx512_products_agree(tmp_path):
         assert result.returncode == 0, result.stderr[-3000:]
         outputs[amx] = np.load(target)
     names = outputs["1"].files
-    assert len(names) == 21
+    assert len(names) == 24
     # The tile path really ran: its sums are ordered differently, so some bits differ.
     assert any(not np.array_equal(outputs["1"][n], outputs["0"][n]) for n in names)
     for name in names:
