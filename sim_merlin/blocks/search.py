@@ -31,6 +31,7 @@ import tensorflow as tf
 
 from sim_merlin.blocks.attention import dot_scores
 from sim_merlin.blocks.sequence import dense_sequence
+from sim_merlin.kernels import model_ops, top_k_mask as fused_top_k
 
 MODES = ("soft", "hard")
 
@@ -103,6 +104,14 @@ class GeneralSearchUnit(mm.Block):
         practice the same item twice, so the same embedding) the mask may hold another of the
         tied positions than ``call()``; what the ESU computes from it is the same. ``scores``:
         see :meth:`relevance`."""
+        if model_ops.available():
+            # One op (sim_merlin.kernels.top_k_mask): a partial selection per row, no sort.
+            if isinstance(history_categories, tf.RaggedTensor):
+                history_categories, _ = dense_sequence(history_categories)
+            history, mask = dense_sequence(history, mask)
+            keys, valid = self.relevance(query, history, mask, target_category,
+                                         history_categories, scores)
+            return fused_top_k.top_k_mask(tf.stop_gradient(keys), valid, self.top_k)
         history, valid, indices, _ = self._top(query, history, mask, target_category,
                                                history_categories, ordered=False, scores=scores)
         # Count the k picked positions of every row in one flat histogram (positions are

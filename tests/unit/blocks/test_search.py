@@ -97,16 +97,23 @@ def test_config_round_trip_and_validation():
 
 @pytest.mark.parametrize("mode", ["soft", "hard"])
 @pytest.mark.parametrize("top_k", [1, 4, 20])
-def test_selection_mask_marks_the_selected_positions_and_esu_agrees(mode, top_k):
+@pytest.mark.parametrize("plain", [False, True])  # the fused top-k mask op, or TensorFlow's ops
+def test_selection_mask_marks_the_selected_positions_and_esu_agrees(mode, top_k, plain):
     """selection_mask is the set of positions call() selects, and SIM's ESU gives the same
     output over the mask as over the gathered selection (it is order-free)."""
     from sim_merlin.blocks.exact_search import ExactSearchUnit
+    from sim_merlin.kernels import model_ops
 
     query, history, mask, categories, target_category = _history(seed=3)
     unit = GeneralSearchUnit(mode, top_k)
     args = dict(target_category=target_category, history_categories=categories)
     selected, picked, indices = unit(query, history, mask, return_indices=True, **args)
-    selection = unit.selection_mask(query, history, mask, **args).numpy()
+    if plain:
+        with model_ops.plain_ops():
+            selection = unit.selection_mask(query, history, mask, **args).numpy()
+    else:
+        assert model_ops.available()
+        selection = unit.selection_mask(query, history, mask, **args).numpy()
     want = np.zeros_like(selection)
     for b, row in enumerate(indices.numpy()):
         want[b, row[row >= 0]] = True
