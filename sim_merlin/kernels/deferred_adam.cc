@@ -187,6 +187,9 @@ class AdamKernel : public OpKernel {
     table->mm = table->m.flat<float>().data();
     table->vv = table->v.flat<float>().data();
     table->step_counts = table->steps.flat<int32_t>().data();
+    for (const Tensor* t : {&table->var, &table->m, &table->v}) {
+      AdviseHugePages(t->tensor_data().data(), t->TotalBytes());
+    }
     return true;
   }
 
