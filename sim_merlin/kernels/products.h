@@ -415,53 +415,19 @@ class Products {
     return {rows_.data(), a.rows, pairs, pairs, 1};
   }
 
-  // Eigen's products vectorise only over a unit inner stride: each operand is mapped row-major
-  // or column-major when it is contiguous either way (the gradients' transposed views are
-  // column-major), with general strides otherwise.
-  template <typename Left, typename Right>
-  static void MultiplyFloat(const Left& am, const Right& bm, float* c, int64_t ldc,
-                            bool accumulate) {
-    Target cm(c, am.rows(), bm.cols(), Eigen::OuterStride<>(ldc));
+  // General strides on purpose: with a unit inner stride Eigen picks kernels whose rounding
+  // depends on a row's place in the block (a sample's values would then depend on its batch).
+  static void MultiplyFloat(const View& a, const View& b, float* c, int64_t ldc, bool accumulate) {
+    using Strides = Eigen::Stride<Eigen::Dynamic, Eigen::Dynamic>;
+    Strided am(a.data, a.rows, a.cols, Strides(a.row_stride, a.col_stride));
+    Strided bm(b.data, b.rows, b.cols, Strides(b.row_stride, b.col_stride));
+    Target cm(c, a.rows, b.cols, Eigen::OuterStride<>(ldc));
     if (accumulate) {
       cm.noalias() += am * bm;
     } else {
       cm.noalias() = am * bm;
     }
   }
-
-  template <typename Left>
-  static void MultiplyFloat(const Left& am, const View& b, float* c, int64_t ldc,
-                            bool accumulate) {
-    if (b.col_stride == 1) {
-      return MultiplyFloat(am, RowMajorMap(b.data, b.rows, b.cols, b.row_stride), c, ldc,
-                           accumulate);
-    }
-    if (b.row_stride == 1) {
-      return MultiplyFloat(am, ColMajorMap(b.data, b.rows, b.cols, b.col_stride), c, ldc,
-                           accumulate);
-    }
-    using Strides = Eigen::Stride<Eigen::Dynamic, Eigen::Dynamic>;
-    MultiplyFloat(am, Strided(b.data, b.rows, b.cols, Strides(b.row_stride, b.col_stride)), c,
-                  ldc, accumulate);
-  }
-
-  static void MultiplyFloat(const View& a, const View& b, float* c, int64_t ldc, bool accumulate) {
-    if (a.col_stride == 1) {
-      return MultiplyFloat(RowMajorMap(a.data, a.rows, a.cols, a.row_stride), b, c, ldc,
-                           accumulate);
-    }
-    if (a.row_stride == 1) {
-      return MultiplyFloat(ColMajorMap(a.data, a.rows, a.cols, a.col_stride), b, c, ldc,
-                           accumulate);
-    }
-    using Strides = Eigen::Stride<Eigen::Dynamic, Eigen::Dynamic>;
-    MultiplyFloat(Strided(a.data, a.rows, a.cols, Strides(a.row_stride, a.col_stride)), b, c, ldc,
-                  accumulate);
-  }
-
-  using RowMajorMap = Eigen::Map<const Matrix, 0, Eigen::OuterStride<>>;
-  using ColMajorMap = Eigen::Map<const Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic>, 0,
-                                 Eigen::OuterStride<>>;
 
   bool bf16_;
   Buffer<uint32_t> rows_;

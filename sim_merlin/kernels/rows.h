@@ -10,11 +10,13 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cmath>
 #include <cstring>
 #include <memory>
 #include <utility>
 #include <vector>
 
+#include "Eigen/Core"
 #include "parallel.h"
 #include "tensorflow/core/framework/numeric_types.h"
 
@@ -139,6 +141,31 @@ inline void StoreRows(const float* computed, int64_t count, Bfloat16* rows) {
 template <typename Expression>
 inline auto Sigmoid(const Expression& x) {
   return 0.5f * (0.5f * x).tanh() + 0.5f;
+}
+
+// Sigmoid in place over `count` contiguous floats, every element by the same vector code (the
+// last vector masked). Eigen evaluates a contiguous array as whole vectors plus a scalar tail,
+// whose tanh (and rounding) differs from the vector one: a row that ends a block would then get
+// other values than the same row elsewhere, and a sample's score would depend on its batch.
+inline void SigmoidInPlace(float* data, int64_t count) {
+#if defined(__AVX512F__)
+  using Packet = Eigen::internal::Packet16f;
+  const Packet half = Eigen::internal::pset1<Packet>(0.5f);
+  auto sigmoid = [&half](Packet x) {
+    using namespace Eigen::internal;  // NOLINT: Eigen's packet functions
+    return padd(pmul(half, ptanh(pmul(half, x))), half);
+  };
+  int64_t i = 0;
+  for (; i + 16 <= count; i += 16) {
+    Eigen::internal::pstoreu(data + i, sigmoid(Eigen::internal::ploadu<Packet>(data + i)));
+  }
+  if (i < count) {
+    const __mmask16 valid = static_cast<__mmask16>((1u << (count - i)) - 1u);
+    _mm512_mask_storeu_ps(data + i, valid, sigmoid(_mm512_maskz_loadu_ps(valid, data + i)));
+  }
+#else
+  for (int64_t i = 0; i < count; ++i) data[i] = 0.5f * std::tanh(0.5f * data[i]) + 0.5f;
+#endif
 }
 
 }  // namespace sim_merlin

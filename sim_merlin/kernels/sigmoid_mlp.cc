@@ -46,7 +46,7 @@ using sim_merlin::InputRows;
 using sim_merlin::Matrix;
 using sim_merlin::OutputRows;
 using sim_merlin::Products;
-using sim_merlin::Sigmoid;
+using sim_merlin::SigmoidInPlace;
 using sim_merlin::StoreRows;
 using sim_merlin::View;
 using sim_merlin::Weight;
@@ -248,7 +248,7 @@ class Layers {
                        widths_[i], false);
         target.rowwise() += bias(i);
       }
-      if (!output_layer(i)) (*activations)[i].array() = Sigmoid((*activations)[i].array());
+      if (!output_layer(i)) SigmoidInPlace((*activations)[i].data(), (*activations)[i].size());
     }
   }
 

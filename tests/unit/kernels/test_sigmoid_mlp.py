@@ -224,6 +224,26 @@ def test_mismatched_weights_and_rows_are_named():
         sigmoid_mlp(x, *two(tf.zeros([5, 1])), group_kernel=tf.zeros([3, 5]))
 
 
+
+@pytest.mark.parametrize("dtype", [tf.float32, tf.bfloat16])
+@pytest.mark.parametrize("widths,repeat", [((24, 8, 1), 15), ((24, 80, 40, 1), 15),
+                                           ((32, 100, 50, 1), 3)])
+def test_a_rows_values_do_not_depend_on_its_place_in_the_batch(dtype, widths, repeat):
+    """Dropping the first groups moves every row to another place in its block of rows (blocks
+    of 255 rows for groups of 15, so odd-sized tails): its outputs must be the same bits (an
+    evaluation's loss must not depend on the batch size or the number of workers)."""
+    x, g, w_g, w_p, kernels, biases, _ = _problem(300 * repeat, widths, seed=repeat,
+                                                  repeat=repeat, group_width=widths[0],
+                                                  product=True)
+    def scores(first_group):
+        return sigmoid_mlp(tf.cast(x[first_group * repeat:], dtype), kernels, biases,
+                           groups=tf.cast(g[first_group:], dtype), group_kernel=w_g,
+                           product_kernel=w_p).numpy()
+    whole = scores(0)
+    for first_group in (1, 3, 7):
+        np.testing.assert_array_equal(scores(first_group), whole[first_group * repeat:])
+
+
 THREADS_SCRIPT = r"""
 rng = np.random.default_rng(0)
 f = lambda *s: tf.constant(rng.normal(size=s).astype(np.float32) * 0.2)
