@@ -372,6 +372,26 @@ inline void TransposeWords(const uint32_t* words, int64_t columns, int64_t pairs
     for (int64_t i = 0; i < rows; ++i) target[i * pairs + p] = words[p * columns + i];
 }
 
+// <row, column b> over n elements (b may be strided), summed in one fixed order.
+inline float Dot(const float* row, const View& b, int64_t n) {
+  int64_t k = 0;
+  float sum = 0.0f;
+#if defined(__AVX512F__)
+  if (b.row_stride == 1) {
+    __m512 sums = _mm512_setzero_ps();
+    for (; k < n; k += 16) {
+      const __mmask16 valid = static_cast<__mmask16>(
+          n - k >= 16 ? 0xFFFFu : (1u << (n - k)) - 1u);
+      sums = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(valid, row + k),
+                             _mm512_maskz_loadu_ps(valid, b.data + k), sums);
+    }
+    return _mm512_reduce_add_ps(sums);
+  }
+#endif
+  for (; k < n; ++k) sum += row[k] * b(k, 0);
+  return sum;
+}
+
 // The products of one row block (one thread): scratch space for packing the other operand.
 class Products {
  public:
@@ -417,7 +437,34 @@ class Products {
 
   // General strides on purpose: with a unit inner stride Eigen picks kernels whose rounding
   // depends on a row's place in the block (a sample's values would then depend on its batch).
+  // A product with one column (an output layer of one unit) or an outer product (its gradient)
+  // is a plain loop, the same for every row.
   static void MultiplyFloat(const View& a, const View& b, float* c, int64_t ldc, bool accumulate) {
+    if (a.cols == 1) {  // outer product: one multiplication per element
+      for (int64_t i = 0; i < a.rows; ++i) {
+        const float left = a(i, 0);
+        float* row = c + i * ldc;
+        for (int64_t j = 0; j < b.cols; ++j) row[j] = (accumulate ? row[j] : 0.0f) + left * b(0, j);
+      }
+      return;
+    }
+    if (b.cols == 1 && a.row_stride == 1) {  // A's columns contiguous: sums of scaled columns
+      if (!accumulate)
+        for (int64_t i = 0; i < a.rows; ++i) c[i * ldc] = 0.0f;
+      for (int64_t k = 0; k < a.cols; ++k) {
+        const float* column = a.data + k * a.col_stride;
+        const float scale = b(k, 0);
+        for (int64_t i = 0; i < a.rows; ++i) c[i * ldc] += column[i] * scale;
+      }
+      return;
+    }
+    if (b.cols == 1 && a.col_stride == 1) {  // one dot product per row, the same for every row
+      for (int64_t i = 0; i < a.rows; ++i) {
+        const float dot = Dot(a.data + i * a.row_stride, b, a.cols);
+        c[i * ldc] = accumulate ? c[i * ldc] + dot : dot;
+      }
+      return;
+    }
     using Strides = Eigen::Stride<Eigen::Dynamic, Eigen::Dynamic>;
     Strided am(a.data, a.rows, a.cols, Strides(a.row_stride, a.col_stride));
     Strided bm(b.data, b.rows, b.cols, Strides(b.row_stride, b.col_stride));
