@@ -76,7 +76,7 @@ def group_of(op: str) -> str:
     if kind in LOOKUPS:  # the fused lookups too
         return "embedding lookups, gathers and their gradients"
     if kind.startswith("SimMerlin"):
-        return "fused kernels (GRU, AUGRU, sigmoid MLPs, dot attention; forward and gradient)"
+        return "fused kernels (GRU, AUGRU, sigmoid MLPs, dot attention, top-k; forward and gradient)"
     if "MatMul" in kind:
         return "matrix products"
     if kind in ELEMENTWISE:
