@@ -1,6 +1,8 @@
 // Matrix products for the fused kernels: C (+)= A B over row blocks of a recurrence.
 //
-// Two arithmetics. float32: Eigen's product. bfloat16 products with float32 sums (what
+// Two arithmetics. float32: each element of C is a sum from zero of one fused multiply-add per k,
+// in order, the same operations whatever the row's place in the block (so a sample's values do
+// not depend on its batch); added to C when accumulating. bfloat16 products with float32 sums (what
 // TensorFlow's oneDNN products do under mixed_bfloat16): both operands are rounded to bfloat16
 // (round to nearest even) and multiplied with AVX512-BF16's dot-product instruction, which sums
 // pairs of products into float32 lanes; that needs the CPU feature at build time (-march=native)
@@ -339,13 +341,121 @@ inline void ProductBf16(const PackedA& a, const PackedB& b, float* c, int64_t ld
 #endif
 }
 
+// B [K, N] with unit column stride and whole registers of columns: row k starts at
+// data + k * row_stride and has RoundUp(N, 16) readable columns (padding zero).
+struct FloatRows {
+  const float* data;
+  int64_t rows, cols, row_stride;
+};
+
+// B itself when its columns are contiguous and fill whole registers, else a padded copy in
+// `copy` (whole registers let the kernel load columns unmasked: with masked loads in its loop
+// GCC stored every sum to memory at every k).
+inline FloatRows FloatRowsOf(const View& b, FloatBuffer* copy) {
+  if (b.col_stride == 1 && b.cols % 16 == 0) return {b.data, b.rows, b.cols, b.row_stride};
+  const int64_t padded = RoundUp(b.cols, 16);
+  float* target = Scratch(copy, b.rows * padded);
+  for (int64_t k = 0; k < b.rows; ++k) {
+    float* row = target + k * padded;
+    if (b.col_stride == 1) {
+      std::memcpy(row, b.data + k * b.row_stride, b.cols * sizeof(float));
+    } else {
+      for (int64_t j = 0; j < b.cols; ++j) row[j] = b(k, j);
+    }
+    std::fill(row + b.cols, row + padded, 0.0f);
+  }
+  return {target, b.rows, b.cols, padded};
+}
+
+#if defined(__AVX512F__)
+// R rows x V registers of 16 columns of C: each sum starts at zero and takes one fused
+// multiply-add per k in order, then is added to C when accumulating; the same operations for
+// every element whatever R, V or its lane.
+template <int R, int V>
+inline void FloatMicroKernel(const View& a, int64_t first_row, const float* b, int64_t ldb,
+                             float* c, int64_t ldc, const __mmask16* masks, bool accumulate) {
+  __m512 sums[R][V];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) sums[r][v] = _mm512_setzero_ps();
+  const int64_t row_stride = a.row_stride, col_stride = a.col_stride, depth = a.cols;
+  const float* left = a.data + first_row * row_stride;
+  for (int64_t k = 0; k < depth; ++k) {
+    __m512 columns[V];
+    for (int v = 0; v < V; ++v) columns[v] = _mm512_loadu_ps(b + k * ldb + 16 * v);
+    const float* column = left + k * col_stride;
+    for (int r = 0; r < R; ++r) {
+      const __m512 x = _mm512_broadcastss_ps(_mm_load_ss(column + r * row_stride));
+      for (int v = 0; v < V; ++v) sums[r][v] = _mm512_fmadd_ps(x, columns[v], sums[r][v]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int v = 0; v < V; ++v) {
+      float* target = c + r * ldc + 16 * v;
+      const __m512 out = accumulate
+          ? _mm512_add_ps(_mm512_maskz_loadu_ps(masks[v], target), sums[r][v]) : sums[r][v];
+      _mm512_mask_storeu_ps(target, masks[v], out);
+    }
+  }
+}
+
+template <int V>
+inline void FloatRowsOfPanel(const View& a, const float* b, int64_t ldb, float* c, int64_t ldc,
+                             const __mmask16* masks, bool accumulate) {
+  int64_t i = 0;
+  for (; i + 6 <= a.rows; i += 6)
+    FloatMicroKernel<6, V>(a, i, b, ldb, c + i * ldc, ldc, masks, accumulate);
+  for (; i < a.rows; ++i)
+    FloatMicroKernel<1, V>(a, i, b, ldb, c + i * ldc, ldc, masks, accumulate);
+}
+#endif
+
+// C [M, N] (row stride ldc) = or += A B in float32, in panels of 64 columns.
+inline void ProductFloat(const View& a, const FloatRows& b, float* c, int64_t ldc,
+                         bool accumulate) {
+#if defined(__AVX512F__)
+  const int64_t registers = (b.cols + 15) / 16;
+  for (int64_t v0 = 0; v0 < registers; v0 += 4) {
+    const int width = static_cast<int>(std::min<int64_t>(4, registers - v0));
+    __mmask16 masks[4];
+    for (int v = 0; v < width; ++v) masks[v] = TailMask(b.cols - 16 * (v0 + v));
+    const float* panel = b.data + 16 * v0;
+    float* target = c + 16 * v0;
+    switch (width) {
+      case 4: FloatRowsOfPanel<4>(a, panel, b.row_stride, target, ldc, masks, accumulate); break;
+      case 3: FloatRowsOfPanel<3>(a, panel, b.row_stride, target, ldc, masks, accumulate); break;
+      case 2: FloatRowsOfPanel<2>(a, panel, b.row_stride, target, ldc, masks, accumulate); break;
+      default: FloatRowsOfPanel<1>(a, panel, b.row_stride, target, ldc, masks, accumulate);
+    }
+  }
+#else
+  std::vector<float> sums(b.cols);
+  for (int64_t i = 0; i < a.rows; ++i) {
+    std::fill(sums.begin(), sums.end(), 0.0f);
+    for (int64_t k = 0; k < a.cols; ++k) {
+      const float x = a(i, k);
+      const float* row = b.data + k * b.row_stride;
+      for (int64_t j = 0; j < b.cols; ++j) sums[j] = std::fma(x, row[j], sums[j]);
+    }
+    float* target = c + i * ldc;
+    for (int64_t j = 0; j < b.cols; ++j) target[j] = accumulate ? target[j] + sums[j] : sums[j];
+  }
+#endif
+}
+
 // A weight used as B in every step: its float32 view, and its packing when products are bf16.
 struct Weight {
   View view;
   PackedB packed;
+  FloatBuffer float_copy;  // the view's rows made contiguous, when its columns are not
 
   Weight(View v, bool bf16) : view(v) {
     if (bf16) Pack(view, &packed);
+    FloatRowsOf(view, &float_copy);  // a copy (of a small weight) only when needed
+  }
+  FloatRows float_rows() const {
+    if (view.col_stride == 1 && view.cols % 16 == 0)
+      return {view.data, view.rows, view.cols, view.row_stride};
+    return {float_copy.data(), view.rows, view.cols, RoundUp(view.cols, 16)};
   }
 };
 
@@ -399,22 +509,19 @@ class Products {
 
   // c (row stride ldc) = or += a w
   void Multiply(const View& a, const Weight& w, float* c, int64_t ldc, bool accumulate) {
-    if (!bf16_) return MultiplyFloat(a, w.view, c, ldc, accumulate);
+    if (!bf16_) return MultiplyFloat(a, w.view, &w, c, ldc, accumulate);
     ProductBf16(PackLeft(a), w.packed, c, ldc, accumulate);
   }
 
   // c = or += a b, b packed for this product only
   void Multiply(const View& a, const View& b, float* c, int64_t ldc, bool accumulate) {
-    if (!bf16_) return MultiplyFloat(a, b, c, ldc, accumulate);
+    if (!bf16_) return MultiplyFloat(a, b, nullptr, c, ldc, accumulate);
     const PackedA left = PackLeft(a);
     Pack(b, &columns_);
     ProductBf16(left, columns_, c, ldc, accumulate);
   }
 
  private:
-  using Strided = Eigen::Map<const Matrix, 0, Eigen::Stride<Eigen::Dynamic, Eigen::Dynamic>>;
-  using Target = Eigen::Map<Matrix, 0, Eigen::OuterStride<>>;
-
   // A transposed row-major matrix (columns contiguous) is packed as the B of its transpose: its
   // pair words are then read with the strides swapped (for AMX, whose A tiles need each row's
   // pairs contiguous, the words are transposed); others are packed row by row.
@@ -435,11 +542,13 @@ class Products {
     return {rows_.data(), a.rows, pairs, pairs, 1};
   }
 
-  // General strides on purpose: with a unit inner stride Eigen picks kernels whose rounding
-  // depends on a row's place in the block (a sample's values would then depend on its batch).
-  // A product with one column (an output layer of one unit) or an outer product (its gradient)
-  // is a plain loop, the same for every row.
-  static void MultiplyFloat(const View& a, const View& b, float* c, int64_t ldc, bool accumulate) {
+  // Float products: every element of C is the same sequence of operations whatever its row's
+  // place in the block (Eigen's kernels round a row by its place: a sample's values then
+  // depended on its batch). A product with one column (an output layer of one unit) or an outer
+  // product (its gradient) is a plain loop.
+  // `weight`, when given, is b with its float rows prepared.
+  void MultiplyFloat(const View& a, const View& b, const Weight* weight, float* c, int64_t ldc,
+                     bool accumulate) {
     if (a.cols == 1) {  // outer product: one multiplication per element
       for (int64_t i = 0; i < a.rows; ++i) {
         const float left = a(i, 0);
@@ -465,20 +574,14 @@ class Products {
       }
       return;
     }
-    using Strides = Eigen::Stride<Eigen::Dynamic, Eigen::Dynamic>;
-    Strided am(a.data, a.rows, a.cols, Strides(a.row_stride, a.col_stride));
-    Strided bm(b.data, b.rows, b.cols, Strides(b.row_stride, b.col_stride));
-    Target cm(c, a.rows, b.cols, Eigen::OuterStride<>(ldc));
-    if (accumulate) {
-      cm.noalias() += am * bm;
-    } else {
-      cm.noalias() = am * bm;
-    }
+    ProductFloat(a, weight != nullptr ? weight->float_rows() : FloatRowsOf(b, &float_columns_), c,
+                 ldc, accumulate);
   }
 
   bool bf16_;
   Buffer<uint32_t> rows_;
   PackedB columns_, left_columns_;
+  FloatBuffer float_columns_;
 };
 
 }  // namespace sim_merlin
