@@ -2,6 +2,7 @@
 (read with pandas) and against Merlin's own dataloader."""
 import re
 import shutil
+import threading
 from collections import Counter
 
 import numpy as np
@@ -143,7 +144,19 @@ def test_fast_loader_yields_exactly_merlins_tensors(tiny_dataset, name, batch_si
         return values
 
     monkeypatch.setattr(data, "_arrow_column", arrow_column)
+    converted_in = []  # threads that made the batches TensorFlow tensors
+    to_tensorflow = data._as_tensorflow
+
+    def as_tensorflow(batch):
+        result = to_tensorflow(batch)
+        converted_in.append((isinstance(result, data._Converted),
+                             threading.current_thread() is threading.main_thread()))
+        return result
+
+    monkeypatch.setattr(data, "_as_tensorflow", as_tensorflow)
     fast = list(split.loader(batch_size))
+    # Every batch was converted, in the reading thread, not between training steps.
+    assert converted_in == [(True, False)] * split.batches(batch_size)
     merlin = list(merlin_loader(split.dataset, batch_size=batch_size, shuffle=False))
     # The Arrow-to-numpy path really ran, for every list column of every chunk.
     histories = [c for c in split.schema.column_names if c.endswith("history")]
