@@ -40,8 +40,8 @@ results = [lib.sim_merlin_gru(x, W, bx, U, b, mask, **o),
 *first_grads, kernel_grads, bias_grads = lib.sim_merlin_sigmoid_mlp_grad(
     inputs, groups, group_kernel, product_kernel, kernels, biases, d_out, **o)
 results += [*first_grads, *kernel_grads, *bias_grads]
-# widths of more than one 32-column block, not whole blocks (C's last block stored whole when
-# another row follows it, its spill overwritten by the blocks after it)
+# widths of more than one 32-column block, not whole blocks: C's partial last column block goes
+# through the tile kernel's edge buffer (outputs 24-34)
 kernels, biases = [f(11, 100), f(100, 50), f(50, 1)], [f(100), f(50), f(1)]
 group_kernel, product_kernel = f(11, 100), f(11, 100)
 results.append(lib.sim_merlin_sigmoid_mlp(inputs, groups, group_kernel, product_kernel, kernels,
@@ -74,7 +74,7 @@ def test_amx_and_avx512_products_agree(tmp_path):
         assert amx.shape == avx.shape and np.isfinite(amx).all()
         # The sums' order differs; a value rounded to bfloat16 for a later product may then
         # round the other way (2**-8 of one term): a few elements differ by ~1e-5.
-        # (the wide MLP's sums have 100 terms: 1e-3)
+        # (the wide MLP's outputs, 24 on, have sums of 100 terms: 1e-3)
         wide = int(name.split("_")[1]) >= 24
         np.testing.assert_allclose(amx, avx, rtol=1e-3, atol=1e-3 if wide else 1e-4,
                                    err_msg=name)
