@@ -269,7 +269,9 @@ class AuxiliaryLoss(mm.Block):
     [batch, length, dim] (the history and the negative history), ``mask`` [batch, length].
     A shared MLP (``hidden_units``, sigmoid; the reference's is 100-50) scores
     ``[state_t | behaviour_{t+1}]``; the loss is ``-log sigmoid(z+) - log(1 - sigmoid(z-))``,
-    averaged over the pairs whose two steps are both real behaviours.
+    averaged over the pairs whose two steps are both real behaviours. In a training call
+    (``training=True``) with the fused kernels the tower and the loss run as one op that also
+    computes their gradients (``sim_merlin.kernels.sigmoid_mlp.sigmoid_mlp_logistic_loss``).
     """
 
     def __init__(self, hidden_units=(100, 50), dropout_rate: float = 0.0,
@@ -287,31 +289,49 @@ class AuxiliaryLoss(mm.Block):
         self.dropout = tf.keras.layers.Dropout(self.dropout_rate) if self.dropout_rate > 0 else None
         self.scorer_layers.append(tf.keras.layers.Dense(1, dtype="float32", name="auxiliary_logit"))
 
-    def logits(self, states, positive, negative, training=False):
-        """[batch, length - 1] scores of (state_t, positive_{t+1}) and of (state_t,
-        negative_{t+1}). The first layer's product with the state, shared by the two pairs, is
-        computed once: ``[s, b] W = s W_s + b W_b``."""
+    def _pairs(self, states, positive, negative):
+        """The scorer's inputs: the states of steps 0..T-2 [batch, length - 1, units], the
+        behaviours of steps 1..T-1 ``later`` (positive, negative), the first layer's kernel split
+        into its state and behaviour rows."""
         # tf.split, not states[:, :-1] / behaviours[:, 1:]: the gradient of a strided slice is
         # slow on CPU (StridedSliceGrad), that of a split is a concatenation.
         length = tf.shape(states)[1]
         earlier, _ = tf.split(states, tf.stack([length - 1, 1]), axis=1, num=2)
         later = [tf.split(tf.cast(b, states.dtype), tf.stack([1, length - 1]), axis=1, num=2)[1]
                  for b in (positive, negative)]
-        first, *hidden_layers = self.scorer_layers[:-1]
+        first = self.scorer_layers[0]
         state_dim = states.shape[-1]
         if not first.built:
             with tf.init_scope():
                 first.build(tf.TensorShape([None, state_dim + later[0].shape[-1]]))
         w_state, w_behaviour = tf.split(first.kernel, [state_dim, -1], axis=0)
-        if self.dropout is None and model_ops.available():
-            # The whole tower as one op (sim_merlin.kernels.sigmoid_mlp), same function: its rows
-            # are each step's (positive, negative) pair, the state a group input they share.
-            pairs = tf.stack(later, axis=2)  # [batch, length - 1, 2, dim]
-            kernels, biases = fused_mlp.keras_weights(self.scorer_layers[1:], first.units)
-            logits = fused_mlp.sigmoid_mlp(
-                tf.reshape(pairs, [-1, pairs.shape[-1]]), [w_behaviour, *kernels],
-                [first.bias, *biases], groups=tf.reshape(earlier, [-1, state_dim]),
-                group_kernel=w_state)
+        return earlier, later, w_state, w_behaviour
+
+    def _fused(self) -> bool:
+        return self.dropout is None and model_ops.available()
+
+    def _fused_arguments(self, earlier, later, w_state, w_behaviour):
+        """The whole tower as one op (sim_merlin.kernels.sigmoid_mlp), same function: its rows
+        are each step's (positive, negative) pair, the state a group input they share."""
+        pairs = tf.stack(later, axis=2)  # [batch, length - 1, 2, dim]
+        first = self.scorer_layers[0]
+        kernels, biases = fused_mlp.keras_weights(self.scorer_layers[1:], first.units)
+        arguments = dict(inputs=tf.reshape(pairs, [-1, pairs.shape[-1]]),
+                         kernels=[w_behaviour, *kernels], biases=[first.bias, *biases],
+                         groups=tf.reshape(earlier, [-1, earlier.shape[-1]]),
+                         group_kernel=w_state)
+        return pairs, arguments
+
+    def logits(self, states, positive, negative, training=False):
+        """[batch, length - 1] scores of (state_t, positive_{t+1}) and of (state_t,
+        negative_{t+1}). The first layer's product with the state, shared by the two pairs, is
+        computed once: ``[s, b] W = s W_s + b W_b``."""
+        earlier, later, w_state, w_behaviour = self._pairs(states, positive, negative)
+        _, *hidden_layers = self.scorer_layers[:-1]
+        first = self.scorer_layers[0]
+        if self._fused():
+            pairs, arguments = self._fused_arguments(earlier, later, w_state, w_behaviour)
+            logits = fused_mlp.sigmoid_mlp(**arguments)
             click, no_click = tf.unstack(tf.reshape(logits, tf.shape(pairs)[:-1]), axis=-1)
             return click, no_click
         shared = _dense_apply(earlier, tf.cast(w_state, states.dtype),
@@ -334,6 +354,8 @@ class AuxiliaryLoss(mm.Block):
         if isinstance(states, (list, tuple)):
             states, positive, negative, mask = states
         mask = tf.cast(mask, tf.float32)
+        if training is True and self._fused():  # a training step: its gradient is taken
+            return self._fused_loss(states, positive, negative, mask)
         click, no_click = (tf.cast(z, tf.float32)
                            for z in self.logits(states, positive, negative, training))
         if self.reference_compatible:
@@ -345,6 +367,23 @@ class AuxiliaryLoss(mm.Block):
         # -log sigmoid(z) = softplus(-z); -log(1 - sigmoid(z)) = softplus(z): exact, no NaN.
         per_pair = tf.nn.softplus(-click) + tf.nn.softplus(no_click)
         return tf.math.divide_no_nan(tf.reduce_sum(per_pair * valid), tf.reduce_sum(valid))
+
+    def _fused_loss(self, states, positive, negative, mask):
+        """In training, the loss and its gradients as one op
+        (``sigmoid_mlp_logistic_loss``): the tower runs once per step, not forward and again in
+        its gradient. The same loss as :meth:`call`'s other path, up to float32 rounding."""
+        earlier, later, w_state, w_behaviour = self._pairs(states, positive, negative)
+        _, arguments = self._fused_arguments(earlier, later, w_state, w_behaviour)
+        if self.reference_compatible:  # the mean over all pairs of the later step's mask
+            per_pair = mask[:, 1:] / tf.cast(tf.size(mask[:, 1:]), tf.float32)
+        else:  # the mean over the pairs whose two steps are real
+            valid = mask[:, :-1] * mask[:, 1:]
+            per_pair = tf.math.divide_no_nan(valid, tf.reduce_sum(valid))
+        weights = tf.stack([per_pair, per_pair], axis=-1)  # rows: (positive, negative) pairs
+        labels = tf.stack([tf.ones_like(per_pair), tf.zeros_like(per_pair)], axis=-1)
+        return fused_mlp.sigmoid_mlp_logistic_loss(
+            labels=labels, weights=weights, epsilon=1e-6 if self.reference_compatible else 0.0,
+            **arguments)
 
     def get_config(self):
         config = super().get_config()

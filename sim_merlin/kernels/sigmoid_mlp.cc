@@ -19,6 +19,7 @@
 // The gradient kernel recomputes the activations of its block.
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 #include "Eigen/Core"
@@ -99,6 +100,42 @@ REGISTER_OP("SimMerlinSigmoidMlpGrad")
       int layers = 0;
       TF_RETURN_IF_ERROR(c->GetAttr("layers", &layers));
       for (int i = 0; i < 4 + 2 * layers; ++i) c->set_output(i, c->input(i));
+      return Status();
+    });
+
+// SimMerlinSigmoidMlpLogisticLoss: the MLP's one output z per row as the logit of a binary label
+// y (labels), weighted (weights): loss = sum_n w_n l_n with, for epsilon = 0, the logistic loss
+// l = y softplus(-z) + (1 - y) softplus(z), and for epsilon > 0 the reference DIEN's
+// l = -y log(sigmoid(z) + epsilon) - (1 - y) log(1 - sigmoid(z) - epsilon). Its outputs are the
+// loss and its gradients (those of SimMerlinSigmoidMlpGrad for dz = w dl/dz): a training step
+// then runs the MLP once (forward and backward in one op) instead of once forward and again in
+// the gradient op; the registered gradient scales them by the loss's incoming gradient.
+REGISTER_OP("SimMerlinSigmoidMlpLogisticLoss")
+    .Attr("T: {float, bfloat16}")
+    .Attr("layers: int >= 1")
+    .Attr("epsilon: float = 0")
+    .Attr("bf16_products: bool = false")
+    .Attr("threads: int = 0")
+    .Input("inputs: T")
+    .Input("groups: T")
+    .Input("group_kernel: float")
+    .Input("product_kernel: float")
+    .Input("kernels: layers * float")
+    .Input("biases: layers * float")
+    .Input("labels: float")   // [N]: y_n, 1 for a positive row, 0 for a negative one
+    .Input("weights: float")  // [N]: w_n
+    .Output("inputs_grad: T")
+    .Output("groups_grad: T")
+    .Output("group_kernel_grad: float")
+    .Output("product_kernel_grad: float")
+    .Output("kernels_grad: layers * float")
+    .Output("biases_grad: layers * float")
+    .Output("loss: float")  // scalar
+    .SetShapeFn([](InferenceContext* c) {
+      int layers = 0;
+      TF_RETURN_IF_ERROR(c->GetAttr("layers", &layers));
+      for (int i = 0; i < 4 + 2 * layers; ++i) c->set_output(i, c->input(i));
+      c->set_output(4 + 2 * layers, c->Scalar());
       return Status();
     });
 
@@ -299,10 +336,38 @@ class SigmoidMlpOp : public sim_merlin::RowBlockKernel {
   }
 };
 
-template <typename T>
+// dl/dz of one row's loss (see SimMerlinSigmoidMlpLogisticLoss) at logit z, label y; adds l to
+// *loss. float32 as TensorFlow's ops of the plain path; sigmoid from exp, the softplus stable.
+inline float LogisticGradient(float z, float y, float epsilon, double* loss) {
+  const float s = 1.0f / (1.0f + std::exp(-z));
+  // Each term only where its label weight is not 0 (the other term may be inf or NaN there).
+  float gradient = 0.0f;
+  if (epsilon > 0.0f) {
+    const float positive = s + epsilon, negative = 1.0f - positive, slope = s * (1.0f - s);
+    if (y != 0.0f) {
+      *loss -= y * static_cast<double>(std::log(positive));
+      gradient -= y * slope / positive;
+    }
+    if (y != 1.0f) {
+      *loss -= (1.0f - y) * static_cast<double>(std::log(negative));
+      gradient += (1.0f - y) * slope / negative;
+    }
+    return gradient;
+  }
+  const float tail = std::log1p(std::exp(-std::abs(z)));  // softplus(+-z) = max(+-z, 0) + tail
+  if (y != 0.0f) *loss += y * static_cast<double>(std::max(-z, 0.0f) + tail);
+  if (y != 1.0f) *loss += (1.0f - y) * static_cast<double>(std::max(z, 0.0f) + tail);
+  return s - y;
+}
+
+// The gradient op (kLoss false: given the outputs' gradient) or the loss op (kLoss true: the
+// outputs' gradient from the loss of each row, SimMerlinSigmoidMlpLogisticLoss).
+template <typename T, bool kLoss>
 class SigmoidMlpGradOp : public sim_merlin::RowBlockKernel {
  public:
-  using RowBlockKernel::RowBlockKernel;
+  explicit SigmoidMlpGradOp(tensorflow::OpKernelConstruction* context) : RowBlockKernel(context) {
+    if (kLoss) OP_REQUIRES_OK(context, context->GetAttr("epsilon", &epsilon_));
+  }
 
   void Compute(OpKernelContext* context) override {
     Layers layers;
@@ -314,10 +379,24 @@ class SigmoidMlpGradOp : public sim_merlin::RowBlockKernel {
     const int64_t p_width = layers.product_width(), row_width = layers.row_width();
     const int64_t first = layers.width(0), repeat = layers.repeat();
     const int64_t block_rows = layers.block_rows();
-    OP_REQUIRES(context, out_grad.dims() == 2 && out_grad.dim_size(0) == rows &&
-                             out_grad.dim_size(1) == outputs,
-                tensorflow::errors::InvalidArgument("outputs_grad must be [", rows, ", ", outputs,
-                                                    "], got ", out_grad.shape().DebugString()));
+    if (kLoss) {  // out_grad is the labels here
+      const Tensor& weights = context->input(5 + 2 * count);
+      OP_REQUIRES(context, outputs == 1,
+                  tensorflow::errors::InvalidArgument(
+                      "the logistic loss needs an MLP with one output (a logit), got ", outputs));
+      for (const Tensor* t : {&out_grad, &weights}) {
+        OP_REQUIRES(context, t->dims() == 1 && t->dim_size(0) == rows,
+                    tensorflow::errors::InvalidArgument(
+                        "labels and weights must be [", rows, "] (one per row of inputs), got ",
+                        t->shape().DebugString()));
+      }
+    } else {
+      OP_REQUIRES(context, out_grad.dims() == 2 && out_grad.dim_size(0) == rows &&
+                               out_grad.dim_size(1) == outputs,
+                  tensorflow::errors::InvalidArgument("outputs_grad must be [", rows, ", ",
+                                                      outputs, "], got ",
+                                                      out_grad.shape().DebugString()));
+    }
     Tensor *x_grad = nullptr, *g_grad = nullptr, *group_kernel_grad = nullptr,
            *product_kernel_grad = nullptr;
     OP_REQUIRES_OK(context, context->allocate_output(0, context->input(0).shape(), &x_grad));
@@ -342,7 +421,9 @@ class SigmoidMlpGradOp : public sim_merlin::RowBlockKernel {
     std::vector<std::vector<RowVector>> block_db(blocks);
     const T* x = context->input(0).flat<T>().data();
     const T* g = context->input(1).flat<T>().data();
-    const float* dout = out_grad.flat<float>().data();
+    const float* dout = out_grad.flat<float>().data();  // or the labels (kLoss)
+    const float* row_weights = kLoss ? context->input(5 + 2 * count).flat<float>().data() : nullptr;
+    std::vector<double> block_loss(blocks, 0.0);
     T* x_grad_rows = x_grad->flat<T>().data();
     T* g_grad_rows = g_grad->flat<T>().data();
 
@@ -362,7 +443,20 @@ class SigmoidMlpGradOp : public sim_merlin::RowBlockKernel {
           dW.resize(count + 1);
           dbias.resize(count);
           // dz: the gradient of z_i, [n, H_i]
-          Matrix dz = Eigen::Map<const Matrix>(dout + begin * outputs, n, outputs);
+          Matrix dz(n, outputs);
+          if (kLoss) {
+            double loss = 0.0;
+            for (int64_t i = 0; i < n; ++i) {
+              double row_loss = 0.0;
+              const float w = row_weights[begin + i];
+              dz(i, 0) = w * LogisticGradient(block_out(i, 0), dout[begin + i], epsilon_,
+                                              &row_loss);
+              loss += w * row_loss;
+            }
+            block_loss[begin / block_rows] = loss;
+          } else {
+            dz = Eigen::Map<const Matrix>(dout + begin * outputs, n, outputs);
+          }
           for (int i = count - 1; i >= 1; --i) {
             Products& products = layers.output_layer(i) ? output : hidden;
             dW[i + 1].resize(layers.width(i - 1), layers.width(i));
@@ -441,7 +535,17 @@ class SigmoidMlpGradOp : public sim_merlin::RowBlockKernel {
     dKi[0] = row_kernel.topRows(d);
     Eigen::Map<Matrix>(product_kernel_grad->flat<float>().data(), p_width, first) =
         row_kernel.bottomRows(p_width);
+    if (kLoss) {
+      Tensor* loss = nullptr;
+      OP_REQUIRES_OK(context, context->allocate_output(4 + 2 * count, TensorShape({}), &loss));
+      double total = 0.0;  // in block order: the same sum whatever the threads
+      for (double part : block_loss) total += part;
+      loss->scalar<float>()() = static_cast<float>(total);
+    }
   }
+
+ private:
+  float epsilon_ = 0.0f;
 };
 
 #define SIM_MERLIN_REGISTER(T)                                                            \
@@ -450,7 +554,10 @@ class SigmoidMlpGradOp : public sim_merlin::RowBlockKernel {
       SigmoidMlpOp<T>);                                                                   \
   REGISTER_KERNEL_BUILDER(                                                                \
       Name("SimMerlinSigmoidMlpGrad").Device(DEVICE_CPU).TypeConstraint<T>("T"),          \
-      SigmoidMlpGradOp<T>);
+      SigmoidMlpGradOp<T, false>);                                                       \
+  REGISTER_KERNEL_BUILDER(                                                                \
+      Name("SimMerlinSigmoidMlpLogisticLoss").Device(DEVICE_CPU).TypeConstraint<T>("T"),  \
+      SigmoidMlpGradOp<T, true>);
 SIM_MERLIN_REGISTER(float)
 SIM_MERLIN_REGISTER(Bfloat16)
 #undef SIM_MERLIN_REGISTER

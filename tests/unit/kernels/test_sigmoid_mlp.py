@@ -11,7 +11,7 @@ from sim_merlin.blocks.attention import TargetAttention
 from sim_merlin.blocks.interest import AuxiliaryLoss
 from sim_merlin.kernels import model_ops
 from sim_merlin.kernels.build import load
-from sim_merlin.kernels.sigmoid_mlp import sigmoid_mlp
+from sim_merlin.kernels.sigmoid_mlp import sigmoid_mlp, sigmoid_mlp_logistic_loss
 
 pytestmark = pytest.mark.compat_lock
 
@@ -225,6 +225,116 @@ def test_mismatched_weights_and_rows_are_named():
 
 
 
+def _numpy_logistic_loss(z, labels, weights, epsilon):
+    """The weighted loss and its gradient dz in float64 (the op's definition)."""
+    z = z[:, 0].astype(np.float64)
+    s = _sigmoid(z)
+    if epsilon > 0:
+        with np.errstate(divide="ignore", invalid="ignore"):  # a term is only used where y says
+            positive = np.where(labels != 0, -np.log(s + epsilon), 0.0)
+            negative = np.where(labels != 1, -np.log(1 - s - epsilon), 0.0)
+            slope = s * (1 - s)
+            d_positive = np.where(labels != 0, -slope / (s + epsilon), 0.0)
+            d_negative = np.where(labels != 1, slope / (1 - s - epsilon), 0.0)
+        loss = labels * positive + (1 - labels) * negative
+        dz = labels * d_positive + (1 - labels) * d_negative
+    else:
+        softplus = lambda v: np.logaddexp(0.0, v)  # noqa: E731
+        loss = labels * softplus(-z) + (1 - labels) * softplus(z)
+        dz = s - labels
+    return (weights * loss).sum(), (weights * dz)[:, None]
+
+
+def _loss_problem(epsilon, rows=700, seed=11, labels=None):
+    problem = _problem(rows, (32, 100, 50, 1), seed=seed, repeat=2, group_width=12)
+    rng = np.random.default_rng(seed)
+    if labels is None:
+        labels = np.tile(np.array([1.0, 0.0], np.float32), rows // 2)  # (positive, negative) pairs
+    weights = (rng.uniform(size=rows) * (rng.uniform(size=rows) < 0.8)).astype(np.float32)
+    return problem, labels.astype(np.float32), weights
+
+
+def _fused_loss(problem, labels, weights, epsilon, dtype=tf.float32, scale=1.0):
+    """The loss op's value and gradients (through the tape, times ``scale``)."""
+    x, g, w_g, _, kernels, biases, _ = problem
+    inputs = [tf.constant(x), tf.constant(g)]
+    variables = [tf.Variable(t) for t in [w_g, *kernels, *biases]]
+    layers = len(kernels)
+    with tf.GradientTape() as tape:
+        tape.watch(inputs)
+        loss = sigmoid_mlp_logistic_loss(
+            tf.cast(inputs[0], dtype), variables[1:1 + layers], variables[1 + layers:], labels,
+            weights, groups=tf.cast(inputs[1], dtype), group_kernel=variables[0],
+            epsilon=epsilon)
+        scaled = loss * scale
+    grads = [t.numpy() for t in tape.gradient(scaled, inputs + variables)]
+    return (loss.numpy(), grads[0], grads[1], grads[2], None, grads[3:3 + layers],
+            grads[3 + layers:3 + 2 * layers])
+
+
+@pytest.mark.parametrize("epsilon", [0.0, 1e-6])
+@pytest.mark.parametrize("scale", [1.0, -2.5])  # the incoming gradient 1 is passed unscaled
+def test_logistic_loss_op_matches_numpy(epsilon, scale):
+    """The loss op: sum_n w_n l(z_n, y_n) of the MLP's logits, and its gradients (those of the
+    MLP for dz = w dl/dz), against float64 numpy; the incoming gradient scales them."""
+    problem, labels, weights = _loss_problem(epsilon)
+    x, g, w_g, _, kernels, biases, _ = problem
+    z = _numpy_mlp(problem, bf16=False)[0]
+    want_loss, dz = _numpy_logistic_loss(z, labels, weights, epsilon)
+    want = _numpy_mlp([x, g, w_g, None, kernels, biases, dz * scale], bf16=False)
+    got = _fused_loss(problem, labels, weights, epsilon, scale=scale)
+    assert got[0].shape == () and got[0].dtype == np.float32
+    np.testing.assert_allclose(got[0], want_loss, rtol=1e-5)
+    _compare((None, *got[1:]), (None, *want[1:]), FLOAT32)
+    # the same gradients as the MLP op's given dz: only the loss differs between the paths
+    plain = _fused([x, g, w_g, None, kernels, biases, (dz * scale).astype(np.float32)],
+                   tf.float32)
+    _compare((None, *got[1:]), (None, *plain[1:]), FLOAT32)
+
+
+def test_logistic_loss_op_takes_fractional_labels_and_bfloat16_inputs():
+    rng = np.random.default_rng(12)
+    labels = rng.uniform(size=600).astype(np.float32)  # soft labels: y l(+) + (1 - y) l(-)
+    problem, labels, weights = _loss_problem(0.0, rows=600, seed=12, labels=labels)
+    problem[0], problem[1] = _bf16(problem[0]), _bf16(problem[1])
+    z = _numpy_mlp(problem, bf16=HAS_BF16_PRODUCTS)[0]
+    want_loss, dz = _numpy_logistic_loss(z, labels, weights, 0.0)
+    x, g, w_g, _, kernels, biases, _ = problem
+    want = _numpy_mlp([x, g, w_g, None, kernels, biases, dz], bf16=HAS_BF16_PRODUCTS)
+    got = _fused_loss(problem, labels, weights, 0.0, dtype=tf.bfloat16)
+    np.testing.assert_allclose(got[0], want_loss, rtol=1e-3)
+    tolerance = {name: dict(rtol=2e-2, atol=3e-3) for name in FLOAT32}
+    tolerance["weights"] = dict(rtol=1e-2, atol=1e-2)
+    _compare((None, *got[1:]), (None, *want[1:]), tolerance)
+
+
+def test_logistic_loss_op_stays_finite_when_saturated():
+    """Logits of +-80. The logistic loss is finite for any label. The reference's (epsilon) is
+    finite where the label agrees with the logit: -log(1 + 1e-6) for a positive row at +80,
+    though its negative term there, log(1 - 1e-6 - sigmoid(z)), is the log of a negative number
+    (so that term must not be evaluated for a positive row)."""
+    problem, mixed, weights = _loss_problem(0.0, rows=8, seed=13)
+    problem[4][-1] = np.zeros_like(problem[4][-1])
+    for logit in (80.0, -80.0):
+        problem[5][-1] = np.full_like(problem[5][-1], logit)  # the output bias alone: z = logit
+        agreeing = np.full(8, 1.0 if logit > 0 else 0.0, np.float32)
+        for epsilon, labels in ((0.0, mixed), (1e-6, agreeing)):
+            got = _fused_loss(problem, labels, weights, epsilon)
+            want_loss, _ = _numpy_logistic_loss(np.full((8, 1), logit), labels, weights, epsilon)
+            assert np.isfinite(got[0]) and all(np.isfinite(a).all() for a in got[1:4])
+            np.testing.assert_allclose(got[0], want_loss, rtol=1e-5, atol=1e-6)
+
+
+def test_logistic_loss_op_names_bad_labels_and_a_wide_output():
+    x = tf.zeros([6, 4])
+    kernels, biases = [tf.zeros([4, 5]), tf.zeros([5, 1])], [tf.zeros([5]), tf.zeros([1])]
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"labels and weights must be \[6\]"):
+        sigmoid_mlp_logistic_loss(x, kernels, biases, tf.zeros([5]), tf.zeros([6]))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="one output"):
+        sigmoid_mlp_logistic_loss(x, [kernels[0], tf.zeros([5, 2])], [biases[0], tf.zeros([2])],
+                                  tf.zeros([6]), tf.zeros([6]))
+
+
 @pytest.mark.parametrize("dtype", [tf.float32, tf.bfloat16])
 @pytest.mark.parametrize("widths,repeat", [((24, 8, 1), 15), ((24, 80, 40, 1), 15),
                                            ((32, 100, 50, 1), 3)])
@@ -251,6 +361,8 @@ x, g = f(1500, 8), f(500, 8)  # groups of 3 rows; 6 blocks, the last partial
 w_g, w_p = f(8, 100), f(8, 100)
 kernels, biases = [f(8, 100), f(100, 50), f(50, 1)], [f(100), f(50), f(1)]
 dout = f(1500, 1)
+labels = tf.constant((rng.uniform(size=1500) < 0.5).astype(np.float32))
+weights = tf.abs(f(1500))
 out = {}
 for threads in (1, 3):
     for bf16 in (False, True):
@@ -258,7 +370,10 @@ for threads in (1, 3):
         y = lib.sim_merlin_sigmoid_mlp(x, g, w_g, w_p, kernels, biases, **options)
         *d_first, d_k, d_b = lib.sim_merlin_sigmoid_mlp_grad(x, g, w_g, w_p, kernels, biases,
                                                              dout, **options)
-        out[threads, bf16] = [t.numpy() for t in (y, *d_first, *d_k, *d_b)]
+        *l_first, l_k, l_b, loss = lib.sim_merlin_sigmoid_mlp_logistic_loss(
+            x, g, w_g, w_p, kernels, biases, labels, weights, epsilon=1e-6, **options)
+        out[threads, bf16] = [t.numpy() for t in (y, *d_first, *d_k, *d_b, *l_first, *l_k,
+                                                  *l_b, loss)]
 for bf16 in (False, True):
     for a, b in zip(out[1, bf16], out[3, bf16]):
         assert np.array_equal(a, b), "results depend on the number of threads"
@@ -297,16 +412,25 @@ def test_auxiliary_loss_is_the_same_on_the_fused_path(reference_compatible):
                                   for w in (12, 8, 8))
     mask = tf.constant(rng.uniform(size=(50, 6)) < 0.8)
     loss = AuxiliaryLoss(hidden_units=(10, 5), reference_compatible=reference_compatible)
-    call = lambda: loss(states, positive, negative, mask)  # noqa: E731
-    fused, plain = _fused_and_plain(call, lambda: loss.trainable_variables,
-                                    [states, positive, negative])
-    assert len(loss.trainable_variables) == 6
-    for name, a, b in zip(["loss"] + [v.name for v in loss.trainable_variables]
-                          + ["d states", "d positive", "d negative"], fused, plain):
-        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-6, err_msg=name)
-    assert "SimMerlinSigmoidMlp" in _used_ops(call)
-    with model_ops.plain_ops():
-        assert "SimMerlinSigmoidMlp" not in _used_ops(call)
+    results = {}
+    for training in (True, False):  # training: the loss op; else the MLP op, the loss in TF ops
+        call = lambda: loss(states, positive, negative, mask, training=training)  # noqa: E731
+        fused, plain = _fused_and_plain(call, lambda: loss.trainable_variables,
+                                        [states, positive, negative])
+        assert len(loss.trainable_variables) == 6
+        for name, a, b in zip(["loss"] + [v.name for v in loss.trainable_variables]
+                              + ["d states", "d positive", "d negative"], fused, plain):
+            np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-6, err_msg=name)
+        results[training] = fused
+        with model_ops.plain_ops():
+            assert not {"SimMerlinSigmoidMlp", "SimMerlinSigmoidMlpLogisticLoss"} & _used_ops(call)
+    assert "SimMerlinSigmoidMlpLogisticLoss" in _used_ops(
+        lambda: loss(states, positive, negative, mask, training=True))
+    evaluation = _used_ops(lambda: loss(states, positive, negative, mask))
+    assert "SimMerlinSigmoidMlp" in evaluation
+    assert "SimMerlinSigmoidMlpLogisticLoss" not in evaluation
+    for a, b in zip(results[True], results[False]):  # the two fused paths agree too
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-6)
 
 
 def test_dien_attention_unit_is_the_same_on_the_fused_path():
