@@ -310,9 +310,10 @@ class AuxiliaryLoss(mm.Block):
     def _fused(self) -> bool:
         return self.dropout is None and model_ops.available()
 
-    def _fused_arguments(self, earlier, later, w_state, w_behaviour):
+    def _fused_arguments(self, states, positive, negative):
         """The whole tower as one op (sim_merlin.kernels.sigmoid_mlp), same function: its rows
         are each step's (positive, negative) pair, the state a group input they share."""
+        earlier, later, w_state, w_behaviour = self._pairs(states, positive, negative)
         pairs = tf.stack(later, axis=2)  # [batch, length - 1, 2, dim]
         first = self.scorer_layers[0]
         kernels, biases = fused_mlp.keras_weights(self.scorer_layers[1:], first.units)
@@ -326,14 +327,13 @@ class AuxiliaryLoss(mm.Block):
         """[batch, length - 1] scores of (state_t, positive_{t+1}) and of (state_t,
         negative_{t+1}). The first layer's product with the state, shared by the two pairs, is
         computed once: ``[s, b] W = s W_s + b W_b``."""
-        earlier, later, w_state, w_behaviour = self._pairs(states, positive, negative)
-        _, *hidden_layers = self.scorer_layers[:-1]
-        first = self.scorer_layers[0]
         if self._fused():
-            pairs, arguments = self._fused_arguments(earlier, later, w_state, w_behaviour)
+            pairs, arguments = self._fused_arguments(states, positive, negative)
             logits = fused_mlp.sigmoid_mlp(**arguments)
             click, no_click = tf.unstack(tf.reshape(logits, tf.shape(pairs)[:-1]), axis=-1)
             return click, no_click
+        earlier, later, w_state, w_behaviour = self._pairs(states, positive, negative)
+        first, *hidden_layers = self.scorer_layers[:-1]
         shared = _dense_apply(earlier, tf.cast(w_state, states.dtype),
                               tf.cast(first.bias, states.dtype))  # [batch, length - 1, units]
         behaviours = tf.stack(later)  # [2, batch, length - 1, dim]: one product for both
@@ -372,8 +372,7 @@ class AuxiliaryLoss(mm.Block):
         """In training, the loss and its gradients as one op
         (``sigmoid_mlp_logistic_loss``): the tower runs once per step, not forward and again in
         its gradient. The same loss as :meth:`call`'s other path, up to float32 rounding."""
-        earlier, later, w_state, w_behaviour = self._pairs(states, positive, negative)
-        _, arguments = self._fused_arguments(earlier, later, w_state, w_behaviour)
+        _, arguments = self._fused_arguments(states, positive, negative)
         if self.reference_compatible:  # the mean over all pairs of the later step's mask
             per_pair = mask[:, 1:] / tf.cast(tf.size(mask[:, 1:]), tf.float32)
         else:  # the mean over the pairs whose two steps are real
