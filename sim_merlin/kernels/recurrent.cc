@@ -3,8 +3,10 @@
 // TensorFlow runs an unrolled GRU as about twenty small ops per step (products, splits, sigmoids,
 // selects), each a pass over memory and a scheduling round; their gradients double that. These
 // kernels run the whole recurrence of a block of rows in one pass that stays in cache, and give
-// the gradient as one op. A block first projects its inputs for every step in one product
-// (p = x W + b, the "projected" below), and its gradient ends with that product's gradients.
+// the gradient as one op. Each step projects its inputs (p = x_t W + b, the "projected" below)
+// just before the step uses them, and the gradient takes that product's gradients right after
+// the step's: a block's projections for all of its steps (1.5 MB at 128 rows x 10 steps x 288)
+// had spilled out of L2 between the product that wrote them and the steps that read them.
 //
 // SimMerlinGru (Keras GRU, reset_after=True; gate order z, r, h):
 //   inner = h U + b;  z = sig(p_z + inner_z);  r = sig(p_r + inner_r)
@@ -123,8 +125,8 @@ Status CheckRecurrentInputs(const Tensor& sequence, const Tensor& kernel, const 
   return Status();
 }
 
-// The input projection of a block's rows for every step: x [rows, F] (rows = n T) times the
-// kernel plus the input bias, one product; and its gradients, given dp [rows, width].
+// The input projection of step t of a block's n rows (x: their [n, T, F] inputs): x_t [n, F] times
+// the kernel plus the input bias; and its gradients, given dp_t [n, width].
 struct InputProjection {
   const float* bias;
   int64_t features, width;
@@ -139,19 +141,26 @@ struct InputProjection {
         kernel_transposed(gradients ? kernel.view.Transposed() : View{nullptr, 0, 0, 0, 0},
                           bf16 && gradients) {}
 
-  void Forward(const float* x, int64_t rows, Products* products, Matrix* projected) const {
-    projected->resize(rows, width);
-    products->Multiply({x, rows, features, features, 1}, kernel, projected->data(), width, false);
+  void Forward(const float* x, int64_t n, int64_t steps, int64_t t, Products* products,
+               Matrix* projected) const {
+    projected->resize(n, width);
+    products->Multiply(Step(x, n, steps, t), kernel, projected->data(), width, false);
     projected->rowwise() += ConstRowMap(bias, width);
   }
 
-  // dx [rows, F] = dp W^T; dW += x^T dp; db += the column sums of dp.
-  void Backward(const float* x, const Matrix& dp, Products* products, float* dx, Matrix* dW,
-                Eigen::RowVectorXf* db) const {
-    products->Multiply(View::Of(dp), kernel_transposed, dx, features, false);
-    products->Multiply(View{x, dp.rows(), features, features, 1}.Transposed(), View::Of(dp),
-                       dW->data(), width, true);
+  // dx_t [n, F] (in dx [n, T, F]) = dp_t W^T; dW += x_t^T dp_t; db += the column sums of dp_t.
+  void Backward(const float* x, int64_t steps, int64_t t, const Matrix& dp, Products* products,
+                float* dx, Matrix* dW, Eigen::RowVectorXf* db) const {
+    const int64_t n = dp.rows();
+    products->Multiply(View::Of(dp), kernel_transposed, dx + t * features, steps * features,
+                       false);
+    products->Multiply(Step(x, n, steps, t).Transposed(), View::Of(dp), dW->data(), width, true);
     db->noalias() += dp.colwise().sum();
+  }
+
+ private:
+  View Step(const float* x, int64_t n, int64_t steps, int64_t t) const {
+    return {x + t * features, n, features, steps * features, 1};
   }
 };
 
@@ -258,18 +267,17 @@ class GruOp : public sim_merlin::RowBlockKernel {
       float* out = OutputRows(states_rows + begin * steps * u, n * steps * u, &out_buffer);
       Products products(bf16_);
       Matrix projected;
-      projection.Forward(x, n * steps, &products, &projected);
-      const float* p = projected.data();
       Matrix h = Matrix::Zero(n, u), inner(n, 3 * u);
       Array zr(n, 2 * u), c(n, u);
       Column keep(n);
       for (int64_t t = 0; t < steps; ++t) {
+        projection.Forward(x, n, steps, t, &products, &projected);
         products.Multiply(View::Of(h), U, inner.data(), 3 * u, false);
         inner.rowwise() += b;
-        const auto x = StepOf(p, steps, 3 * u, 0, n, t);
+        const Matrix& xp = projected;  // this step's projected inputs
         GatherColumn(m, steps, begin, n, t, keep.data());
-        zr = Sigmoid(x.leftCols(2 * u).array() + inner.leftCols(2 * u).array());
-        c = (x.rightCols(u).array() + zr.rightCols(u) * inner.rightCols(u).array()).tanh();
+        zr = Sigmoid(xp.leftCols(2 * u).array() + inner.leftCols(2 * u).array());
+        c = (xp.rightCols(u).array() + zr.rightCols(u) * inner.rightCols(u).array()).tanh();
         const auto z = zr.leftCols(u);
         h.array() += ((z * h.array() + (1.0f - z) * c) - h.array()).colwise() * keep;
         StepOf(out, steps, u, 0, n, t) = h;
@@ -342,10 +350,7 @@ class GruGradOp : public sim_merlin::RowBlockKernel {
       float* dx = OutputRows(sequence_grad_rows + begin * steps * features, n * steps * features,
                              &dx_buffer);
       Products products(bf16_);
-      Matrix projected, projected_grad(n * steps, 3 * u);
-      projection.Forward(x, n * steps, &products, &projected);
-      const float* p = projected.data();
-      float* dp = projected_grad.data();
+      Matrix projected, d_projected(n, 3 * u);
       Matrix& block_dU = block_dUs[begin / kRowsPerBlock];
       Eigen::RowVectorXf& block_db = block_dbs[begin / kRowsPerBlock];
       Matrix inner(n, 3 * u), d_inner(n, 3 * u);
@@ -357,33 +362,33 @@ class GruGradOp : public sim_merlin::RowBlockKernel {
         const View previous_view = t == 0 ? View::Of(zeros) : StepView(hs, steps, u, 0, n, t - 1);
         const ConstStepRows previous(previous_view.data, n, u,
                                      Eigen::OuterStride<>(previous_view.row_stride));
+        projection.Forward(x, n, steps, t, &products, &projected);
         products.Multiply(previous_view, U, inner.data(), 3 * u, false);
         inner.rowwise() += b;
-        const auto x = StepOf(p, steps, 3 * u, 0, n, t);
+        const Matrix& xp = projected;  // this step's projected inputs
         const auto dh = StepOf(dhs, steps, u, 0, n, t);
-        auto d_projected = StepOf(dp, steps, 3 * u, 0, n, t).array();
         GatherColumn(m, steps, begin, n, t, keep.data());
-        zr = Sigmoid(x.leftCols(2 * u).array() + inner.leftCols(2 * u).array());
+        zr = Sigmoid(xp.leftCols(2 * u).array() + inner.leftCols(2 * u).array());
         const auto z = zr.leftCols(u);
         const auto r = zr.rightCols(u);
         const auto hh = inner.rightCols(u).array();
-        c = (x.rightCols(u).array() + r * hh).tanh();
+        c = (xp.rightCols(u).array() + r * hh).tanh();
         total = g.array() + dh.array();
         through = total.colwise() * keep;  // through the new state
         dc = through * (1.0f - z) * (1.0f - c * c);
-        d_projected.leftCols(u) = through * (previous.array() - c) * z * (1.0f - z);
-        d_projected.middleCols(u, u) = dc * hh * r * (1.0f - r);
-        d_projected.rightCols(u) = dc;
-        d_inner.leftCols(2 * u) = d_projected.leftCols(2 * u).matrix();
+        d_projected.leftCols(u).array() = through * (previous.array() - c) * z * (1.0f - z);
+        d_projected.middleCols(u, u).array() = dc * hh * r * (1.0f - r);
+        d_projected.rightCols(u).array() = dc;
+        d_inner.leftCols(2 * u) = d_projected.leftCols(2 * u);
         d_inner.rightCols(u) = (dc * r).matrix();
         products.Multiply(previous_view.Transposed(), View::Of(d_inner), block_dU.data(),
                           3 * u, true);
         block_db.noalias() += d_inner.colwise().sum();
         g.array() = through * z + total.colwise() * (1.0f - keep);
         products.Multiply(View::Of(d_inner), U_transposed, g.data(), u, true);
+        projection.Backward(x, steps, t, d_projected, &products, dx,
+                            &block_dWs[begin / kRowsPerBlock], &block_dbxs[begin / kRowsPerBlock]);
       }
-      projection.Backward(x, projected_grad, &products, dx, &block_dWs[begin / kRowsPerBlock],
-                          &block_dbxs[begin / kRowsPerBlock]);
       StoreRows(dx, n * steps * features, sequence_grad_rows + begin * steps * features);
     });
     for (const Matrix& part : block_dUs) dU += part;
@@ -456,11 +461,12 @@ struct AugruBlock {
     }
   }
 
-  // Runs the recurrence of rows begin.. (p: their projections, [n, T, 3u]; a, m: the whole
-  // [B, T] scores and mask); returns a pointer to the final state [n, u].
-  const float* Run(const float* p, const Weight& gate_kernel, const Weight& candidate_kernel,
-                   const float* a, const float* m, int64_t begin, Products* products) {
-    Matrix gates(n, 2 * u), reset_state(n, u), candidate_in(n, u);
+  // Runs the recurrence of rows begin.. (x: their inputs [n, T, F]; a, m: the whole [B, T]
+  // scores and mask); returns a pointer to the final state [n, u].
+  const float* Run(const float* inputs, const InputProjection& projection,
+                   const Weight& gate_kernel, const Weight& candidate_kernel, const float* a,
+                   const float* m, int64_t begin, Products* products) {
+    Matrix x, gates(n, 2 * u), reset_state(n, u), candidate_in(n, u);
     Array rg(n, 2 * u), c(n, u), scaled(n, u);
     Column keep(n), attention(n);
     states.topRows(n).setZero();
@@ -468,7 +474,7 @@ struct AugruBlock {
       const int64_t now = keep_all ? t : (t % 2), next = keep_all ? t + 1 : 1 - now;
       auto s = states.middleRows(now * n, n);
       auto s_next = states.middleRows(next * n, n);
-      const auto x = StepOf(p, steps, 3 * u, 0, n, t);
+      projection.Forward(inputs, n, steps, t, products, &x);
       GatherColumn(m, steps, begin, n, t, keep.data());
       GatherColumn(a, steps, begin, n, t, attention.data());
       products->Multiply({s.data(), n, u, u, 1}, gate_kernel, gates.data(), 2 * u, false);
@@ -542,10 +548,8 @@ class AugruOp : public sim_merlin::RowBlockKernel {
       const float* x = InputRows(sequence_rows + begin * steps * features, n * steps * features,
                                  &buffer);
       Products products(bf16_);
-      Matrix projected;
-      projection.Forward(x, n * steps, &products, &projected);
       AugruBlock block(n, u, steps, false);
-      const float* last = block.Run(projected.data(), Wg, Wc,
+      const float* last = block.Run(x, projection, Wg, Wc,
                                     scores.flat<float>().data(), mask.flat<float>().data(), begin,
                                     &products);
       std::copy_n(last, (end - begin) * u, out + begin * u);
@@ -609,11 +613,9 @@ class AugruGradOp : public sim_merlin::RowBlockKernel {
       float* dx = OutputRows(sequence_grad_rows + begin * steps * features, n * steps * features,
                              &dx_buffer);
       Products products(bf16_);
-      Matrix projected, projected_grad(n * steps, 3 * u);
-      projection.Forward(x, n * steps, &products, &projected);
-      float* dp = projected_grad.data();
+      Matrix d_projected_rows(n, 3 * u);
       AugruBlock block(n, u, steps, true);
-      block.Run(projected.data(), Wg, Wc, a, m, begin, &products);
+      block.Run(x, projection, Wg, Wc, a, m, begin, &products);
       Matrix& block_dWg = block_dWgs[begin / kRowsPerBlock];
       Matrix& block_dWc = block_dWcs[begin / kRowsPerBlock];
       Matrix g(n, u), d_gates(n, 2 * u), d_candidate(n, u), d_reset_state(n, u);
@@ -628,7 +630,7 @@ class AugruGradOp : public sim_merlin::RowBlockKernel {
         const auto c = block.candidate.middleRows(t * n, n);
         GatherColumn(m, steps, begin, n, t, keep.data());
         GatherColumn(a, steps, begin, n, t, attention.data());
-        auto d_projected = StepOf(dp, steps, 3 * u, 0, n, t).array();
+        auto d_projected = d_projected_rows.array();
         through = g.array().colwise() * keep;
         scaled = up.colwise() * (1.0f - attention);
         d_scaled = through * (s - c);
@@ -648,9 +650,9 @@ class AugruGradOp : public sim_merlin::RowBlockKernel {
         products.Multiply(View{block.states.data() + t * n * u, n, u, u, 1}.Transposed(),
                           View::Of(d_gates), block_dWg.data(), 2 * u, true);
         products.Multiply(View::Of(d_gates), Wg_transposed, g.data(), u, true);
+        projection.Backward(x, steps, t, d_projected_rows, &products, dx,
+                            &block_dWs[begin / kRowsPerBlock], &block_dbxs[begin / kRowsPerBlock]);
       }
-      projection.Backward(x, projected_grad, &products, dx, &block_dWs[begin / kRowsPerBlock],
-                          &block_dbxs[begin / kRowsPerBlock]);
       StoreRows(dx, n * steps * features, sequence_grad_rows + begin * steps * features);
     });
     for (const Matrix& part : block_dWgs) dWg += part;
