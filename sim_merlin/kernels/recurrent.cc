@@ -144,7 +144,8 @@ struct InputProjection {
   void Forward(const float* x, int64_t n, int64_t steps, int64_t t, Products* products,
                Matrix* projected) const {
     projected->resize(n, width);
-    products->Multiply(Step(x, n, steps, t), kernel, projected->data(), width, false);
+    products->Multiply(StepView(x, steps, features, 0, n, t), kernel, projected->data(), width,
+                       false);
     projected->rowwise() += ConstRowMap(bias, width);
   }
 
@@ -154,13 +155,9 @@ struct InputProjection {
     const int64_t n = dp.rows();
     products->Multiply(View::Of(dp), kernel_transposed, dx + t * features, steps * features,
                        false);
-    products->Multiply(Step(x, n, steps, t).Transposed(), View::Of(dp), dW->data(), width, true);
+    products->Multiply(StepView(x, steps, features, 0, n, t).Transposed(), View::Of(dp),
+                       dW->data(), width, true);
     db->noalias() += dp.colwise().sum();
-  }
-
- private:
-  View Step(const float* x, int64_t n, int64_t steps, int64_t t) const {
-    return {x + t * features, n, features, steps * features, 1};
   }
 };
 
@@ -461,7 +458,7 @@ struct AugruBlock {
     }
   }
 
-  // Runs the recurrence of rows begin.. (x: their inputs [n, T, F]; a, m: the whole [B, T]
+  // Runs the recurrence of rows begin.. (inputs: theirs, [n, T, F]; a, m: the whole [B, T]
   // scores and mask); returns a pointer to the final state [n, u].
   const float* Run(const float* inputs, const InputProjection& projection,
                    const Weight& gate_kernel, const Weight& candidate_kernel, const float* a,
