@@ -35,6 +35,7 @@ import merlin.models.tf as mm
 import tensorflow as tf
 
 from sim_merlin.blocks.attention import TargetAttention
+from sim_merlin.blocks.prelu import PReLU
 from sim_merlin.blocks.sequence import dense_sequence
 from sim_merlin.kernels import model_ops, recurrent as fused_kernels, sigmoid_mlp as fused_mlp
 
@@ -228,7 +229,7 @@ class InterestEvolution(mm.Block):
         self.use_mask = bool(use_mask)
         self.query_projection = tf.keras.Sequential(
             [tf.keras.layers.Dense(self.units),
-             tf.keras.layers.PReLU(alpha_initializer=tf.keras.initializers.Constant(0.1))],
+             PReLU(alpha_initializer=tf.keras.initializers.Constant(0.1))],
             name="query_projection",
         )
         self.attention = TargetAttention(

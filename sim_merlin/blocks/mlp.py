@@ -17,6 +17,8 @@ import sim_merlin.tf_compat  # noqa: F401
 import merlin.models.tf as mm
 import tensorflow as tf
 
+from sim_merlin.blocks.prelu import PReLU
+
 
 @tf.keras.utils.register_keras_serializable(package="sim_merlin")
 class LogitMLP(mm.Block):
@@ -32,7 +34,7 @@ class LogitMLP(mm.Block):
         for index, width in enumerate(self.units):
             self.hidden.append(tf.keras.layers.Dense(width, name=f"dense_{index}"))
             if activation == "prelu":
-                self.hidden.append(tf.keras.layers.PReLU(
+                self.hidden.append(PReLU(
                     alpha_initializer=tf.keras.initializers.Constant(0.1), name=f"prelu_{index}"))
             else:
                 self.hidden.append(tf.keras.layers.Activation(activation, name=f"act_{index}"))

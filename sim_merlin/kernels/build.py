@@ -1,6 +1,6 @@
 """Compile and load the fused kernels' shared library (``recurrent.cc``, ``sigmoid_mlp.cc``,
 ``adam.cc``, ``deferred_adam.cc``, ``embedding_rows.cc``, ``dot_attention.cc``,
-``top_k_mask.cc``).
+``top_k_mask.cc``, ``prelu.cc``).
 
 The library is built with the installed TensorFlow's compile and link flags and the host's
 instruction set (``-march=native``: it is built where it runs), into a cache directory keyed by
@@ -29,7 +29,7 @@ from pathlib import Path
 HERE = Path(__file__).parent
 SOURCES = (HERE / "recurrent.cc", HERE / "sigmoid_mlp.cc", HERE / "adam.cc",
            HERE / "deferred_adam.cc", HERE / "embedding_rows.cc",
-           HERE / "dot_attention.cc", HERE / "top_k_mask.cc")
+           HERE / "dot_attention.cc", HERE / "top_k_mask.cc", HERE / "prelu.cc")
 # Per-source compiler flags. deferred_adam.cc must round as TensorFlow's ApplyAdam (no FMA; a
 # square root that may set errno is not vectorized).
 SOURCE_FLAGS = {"deferred_adam.cc": ("-ffp-contract=off", "-fno-math-errno")}
