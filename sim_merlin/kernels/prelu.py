@@ -20,7 +20,7 @@ from __future__ import annotations
 import sim_merlin.tf_compat  # noqa: F401
 import tensorflow as tf
 
-from sim_merlin.kernels.build import load as _library, threads as _threads
+from sim_merlin.kernels.build import load as _library
 
 DTYPES = (tf.float32, tf.bfloat16)
 
@@ -31,7 +31,10 @@ def prelu(inputs, alpha):
     dimensions (one slope per unit)."""
     if inputs.dtype not in DTYPES:
         raise ValueError(f"prelu takes float32 or bfloat16 inputs, got {inputs.dtype.name}")
-    return _library().sim_merlin_prelu(inputs, tf.cast(alpha, inputs.dtype), threads=_threads())
+    # No threads of its own (threads=1): a pass over [batch, units] takes well under a
+    # millisecond, less than starting a helper thread that must wait for a core the other ops
+    # of the step keep busy; TensorFlow's intra-op pool still splits it when it has threads.
+    return _library().sim_merlin_prelu(inputs, tf.cast(alpha, inputs.dtype), threads=1)
 
 
 @tf.RegisterGradient("SimMerlinPrelu")
