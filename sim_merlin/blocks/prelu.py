@@ -27,8 +27,7 @@ class PReLU(tf.keras.layers.PReLU):
     """:class:`tf.keras.layers.PReLU` computed by one fused op each way where available."""
 
     def call(self, inputs):
-        alpha = tf.cast(self.alpha, inputs.dtype)  # as Keras's autocast does for the compute dtype
         if (model_ops.available() and inputs.dtype in fused_prelu.DTYPES
-                and inputs.shape[-alpha.shape.rank:] == alpha.shape):
-            return fused_prelu.prelu(inputs, alpha)
+                and inputs.shape[-self.alpha.shape.rank:] == self.alpha.shape):
+            return fused_prelu.prelu(inputs, self.alpha)  # cast to the compute dtype there
         return super().call(inputs)

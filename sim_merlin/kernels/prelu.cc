@@ -40,6 +40,10 @@ using sim_merlin::StoreRows;
 
 constexpr int64_t kElementsPerBlock = 1 << 14;  // a block's rows in L1 (64 KB as float32)
 
+inline int64_t RowsPerBlock(int64_t width) {
+  return std::max<int64_t>(1, kElementsPerBlock / width);
+}
+
 REGISTER_OP("SimMerlinPrelu")
     .Attr("T: {float, bfloat16}")
     .Attr("threads: int = 0")  // > 1: own threads when the intra-op pool has one (parallel.h)
@@ -147,12 +151,21 @@ inline void PreluGradRow(const float* x, const float* a, const float* dy, int64_
   }
 }
 
-template <typename T>
-class PreluOp : public tensorflow::OpKernel {
+// The attribute both ops read: the threads of its own an op may use (parallel.h).
+class PreluKernel : public tensorflow::OpKernel {
  public:
-  explicit PreluOp(tensorflow::OpKernelConstruction* context) : OpKernel(context) {
+  explicit PreluKernel(tensorflow::OpKernelConstruction* context) : OpKernel(context) {
     OP_REQUIRES_OK(context, context->GetAttr("threads", &threads_));
   }
+
+ protected:
+  int threads_ = 0;
+};
+
+template <typename T>
+class PreluOp : public PreluKernel {
+ public:
+  using PreluKernel::PreluKernel;
 
   void Compute(OpKernelContext* context) override {
     const Tensor &x = context->input(0), &alpha = context->input(1);
@@ -164,31 +177,22 @@ class PreluOp : public tensorflow::OpKernel {
     const float* a = InputRows(alpha.flat<T>().data(), width, &alpha_buffer);
     const T* x_rows = x.flat<T>().data();
     T* y_rows = y->flat<T>().data();
-    const int64_t block = std::max<int64_t>(1, kElementsPerBlock / width);
-    sim_merlin::ParallelFor(
-        context, sim_merlin::BlockCount(rows, block), 4 * block * width, threads_,
-        [&](int64_t first, int64_t last) {
+    sim_merlin::ForEachRowBlock(
+        context, threads_, rows, RowsPerBlock(width), 4 * width, [&](int64_t begin, int64_t end) {
+          const int64_t n = end - begin;
           FloatBuffer x_buffer, y_buffer;
-          for (int64_t b = first; b < last; ++b) {
-            const int64_t begin = b * block, n = std::min(rows, begin + block) - begin;
-            const float* in = InputRows(x_rows + begin * width, n * width, &x_buffer);
-            float* out = OutputRows(y_rows + begin * width, n * width, &y_buffer);
-            for (int64_t i = 0; i < n; ++i) PreluRow(in + i * width, a, width, out + i * width);
-            StoreRows(out, n * width, y_rows + begin * width);
-          }
+          const float* in = InputRows(x_rows + begin * width, n * width, &x_buffer);
+          float* out = OutputRows(y_rows + begin * width, n * width, &y_buffer);
+          for (int64_t i = 0; i < n; ++i) PreluRow(in + i * width, a, width, out + i * width);
+          StoreRows(out, n * width, y_rows + begin * width);
         });
   }
-
- private:
-  int threads_ = 0;
 };
 
 template <typename T>
-class PreluGradOp : public tensorflow::OpKernel {
+class PreluGradOp : public PreluKernel {
  public:
-  explicit PreluGradOp(tensorflow::OpKernelConstruction* context) : OpKernel(context) {
-    OP_REQUIRES_OK(context, context->GetAttr("threads", &threads_));
-  }
+  using PreluKernel::PreluKernel;
 
   void Compute(OpKernelContext* context) override {
     const Tensor &x = context->input(0), &alpha = context->input(1), &dy = context->input(2);
@@ -206,25 +210,22 @@ class PreluGradOp : public tensorflow::OpKernel {
     const T* x_rows = x.flat<T>().data();
     const T* dy_rows = dy.flat<T>().data();
     T* dx_rows = dx->flat<T>().data();
-    const int64_t block = std::max<int64_t>(1, kElementsPerBlock / width);
-    const int64_t blocks = sim_merlin::BlockCount(rows, block);
+    const int64_t block = RowsPerBlock(width), blocks = sim_merlin::BlockCount(rows, block);
     // Each block's slope gradient, summed in block order afterwards: the same sums whatever the
     // threads.
     std::vector<float> block_sums(blocks * width, 0.0f);
-    sim_merlin::ParallelFor(
-        context, blocks, 8 * block * width, threads_, [&](int64_t first, int64_t last) {
+    sim_merlin::ForEachRowBlock(
+        context, threads_, rows, block, 8 * width, [&](int64_t begin, int64_t end) {
+          const int64_t n = end - begin;
           FloatBuffer x_buffer, dy_buffer, dx_buffer;
-          for (int64_t b = first; b < last; ++b) {
-            const int64_t begin = b * block, n = std::min(rows, begin + block) - begin;
-            const float* in = InputRows(x_rows + begin * width, n * width, &x_buffer);
-            const float* grad = InputRows(dy_rows + begin * width, n * width, &dy_buffer);
-            float* out = OutputRows(dx_rows + begin * width, n * width, &dx_buffer);
-            float* sums = block_sums.data() + b * width;
-            for (int64_t i = 0; i < n; ++i) {
-              PreluGradRow<T>(in + i * width, a, grad + i * width, width, out + i * width, sums);
-            }
-            StoreRows(out, n * width, dx_rows + begin * width);
+          const float* in = InputRows(x_rows + begin * width, n * width, &x_buffer);
+          const float* grad = InputRows(dy_rows + begin * width, n * width, &dy_buffer);
+          float* out = OutputRows(dx_rows + begin * width, n * width, &dx_buffer);
+          float* sums = block_sums.data() + (begin / block) * width;
+          for (int64_t i = 0; i < n; ++i) {
+            PreluGradRow<T>(in + i * width, a, grad + i * width, width, out + i * width, sums);
           }
+          StoreRows(out, n * width, dx_rows + begin * width);
         });
     std::vector<float> total(width, 0.0f);
     for (int64_t b = 0; b < blocks; ++b) {
@@ -233,9 +234,6 @@ class PreluGradOp : public tensorflow::OpKernel {
     T* da_values = da->flat<T>().data();
     for (int64_t j = 0; j < width; ++j) da_values[j] = static_cast<T>(total[j]);
   }
-
- private:
-  int threads_ = 0;
 };
 
 #define SIM_MERLIN_REGISTER(T)                                                                  \
