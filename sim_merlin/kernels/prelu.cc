@@ -99,23 +99,34 @@ inline float AsStored(float value, Bfloat16) {
   return value;
 }
 
-// One row of `width` values: y = x where x > 0, a x where x < 0, else +0 (branch-free: the
-// signs of activations are random, and a branch per element had cost 4 ns each).
+// v where x > 0, a v where x < 0, else +0: the forward value (v = x) and the input gradient
+// (v = dy) alike. The vector form is branch-free (the signs of activations are random, and a
+// branch per element had cost 4 ns each) and sets *negative to the lanes where x < 0.
+inline float BySign(float x, float a, float v) {
+  return x > 0.0f ? v : (x < 0.0f ? a * v : 0.0f);
+}
+#if defined(__AVX512BF16__) && defined(__AVX512F__)  // (TailMask's condition, products.h)
+inline __m512 BySign(__m512 x, __m512 a, __m512 v, __mmask16* negative) {
+  const __m512 zero = _mm512_setzero_ps();
+  *negative = _mm512_cmp_ps_mask(x, zero, _CMP_LT_OQ);
+  return _mm512_mask_mov_ps(_mm512_maskz_mul_ps(*negative, a, v),
+                            _mm512_cmp_ps_mask(x, zero, _CMP_GT_OQ), v);
+}
+#endif
+
+// One row of `width` values: y = x where x > 0, a x where x < 0, else +0.
 inline void PreluRow(const float* x, const float* a, int64_t width, float* y) {
   int64_t j = 0;
-#if defined(__AVX512BF16__) && defined(__AVX512F__)  // (TailMask's condition, products.h)
-  const __m512 zero = _mm512_setzero_ps();
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
   for (; j < width; j += 16) {
     const __mmask16 valid = sim_merlin::TailMask(width - j);
     const __m512 xv = _mm512_maskz_loadu_ps(valid, x + j);
-    const __mmask16 positive = _mm512_cmp_ps_mask(xv, zero, _CMP_GT_OQ);
-    const __mmask16 negative = _mm512_cmp_ps_mask(xv, zero, _CMP_LT_OQ);
-    __m512 out = _mm512_maskz_mul_ps(negative, _mm512_maskz_loadu_ps(valid, a + j), xv);
-    out = _mm512_mask_mov_ps(out, positive, xv);
-    _mm512_mask_storeu_ps(y + j, valid, out);
+    __mmask16 negative;
+    _mm512_mask_storeu_ps(
+        y + j, valid, BySign(xv, _mm512_maskz_loadu_ps(valid, a + j), xv, &negative));
   }
 #endif
-  for (; j < width; ++j) y[j] = x[j] > 0.0f ? x[j] : (x[j] < 0.0f ? a[j] * x[j] : 0.0f);
+  for (; j < width; ++j) y[j] = BySign(x[j], a[j], x[j]);
 }
 
 // One row's gradient: dx = dy where x > 0, a dy where x < 0, else 0; sums += T(dy x) where x < 0.
@@ -124,16 +135,13 @@ inline void PreluGradRow(const float* x, const float* a, const float* dy, int64_
                          float* dx, float* sums) {
   int64_t j = 0;
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
-  const __m512 zero = _mm512_setzero_ps();
   for (; j < width; j += 16) {
     const __mmask16 valid = sim_merlin::TailMask(width - j);
     const __m512 xv = _mm512_maskz_loadu_ps(valid, x + j);
     const __m512 gv = _mm512_maskz_loadu_ps(valid, dy + j);
-    const __mmask16 positive = _mm512_cmp_ps_mask(xv, zero, _CMP_GT_OQ);
-    const __mmask16 negative = _mm512_cmp_ps_mask(xv, zero, _CMP_LT_OQ);
-    __m512 out = _mm512_maskz_mul_ps(negative, _mm512_maskz_loadu_ps(valid, a + j), gv);
-    out = _mm512_mask_mov_ps(out, positive, gv);
-    _mm512_mask_storeu_ps(dx + j, valid, out);
+    __mmask16 negative;
+    _mm512_mask_storeu_ps(
+        dx + j, valid, BySign(xv, _mm512_maskz_loadu_ps(valid, a + j), gv, &negative));
     __m512 term = _mm512_maskz_mul_ps(negative, gv, xv);
     if (std::is_same<T, Bfloat16>::value) {  // rounded to bfloat16 (nearest even) and back
       const __m256bh rounded = _mm512_cvtneps_pbh(term);
@@ -145,9 +153,8 @@ inline void PreluGradRow(const float* x, const float* a, const float* dy, int64_
   }
 #endif
   for (; j < width; ++j) {
-    const bool negative = x[j] < 0.0f;
-    dx[j] = x[j] > 0.0f ? dy[j] : (negative ? a[j] * dy[j] : 0.0f);
-    sums[j] += negative ? AsStored(dy[j] * x[j], T()) : 0.0f;
+    dx[j] = BySign(x[j], a[j], dy[j]);
+    sums[j] += x[j] < 0.0f ? AsStored(dy[j] * x[j], T()) : 0.0f;
   }
 }
 
