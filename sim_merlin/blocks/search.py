@@ -109,6 +109,11 @@ class GeneralSearchUnit(mm.Block):
             if isinstance(history_categories, tf.RaggedTensor):
                 history_categories, _ = dense_sequence(history_categories)
             history, mask = dense_sequence(history, mask)
+            if (self.mode == "soft" and scores is None
+                    and history.dtype in fused_top_k.DTYPES):
+                # Soft search's scores computed in the same op, not as a batched product.
+                return fused_top_k.dot_top_k_mask(tf.stop_gradient(query),
+                                                  tf.stop_gradient(history), mask, self.top_k)
             keys, valid = self.relevance(query, history, mask, target_category,
                                          history_categories, scores)
             return fused_top_k.top_k_mask(tf.stop_gradient(keys), valid, self.top_k)

@@ -3,7 +3,8 @@
 SIM's general search unit keeps the ``top_k`` behaviours of the long history by relevance, and
 its exact search unit reads that choice as a mask over the history. :func:`top_k_mask` gives the
 mask directly, by a partial selection per row, instead of TensorFlow's sort of every row, a
-histogram of the picked positions and a logical and. The blocks use it where
+histogram of the picked positions and a logical and; :func:`dot_top_k_mask` computes soft
+search's keys (the target's inner product with each behaviour) in the same op. The blocks use it where
 :func:`sim_merlin.kernels.model_ops.available` holds.
 
 Example::
@@ -36,4 +37,23 @@ def top_k_mask(keys, valid, k: int):
                                             k=int(k), threads=_threads())
 
 
+DTYPES = (tf.float32, tf.bfloat16)  # what dot_top_k_mask reads
+
+
+def dot_top_k_mask(query, history, valid, k: int):
+    """``top_k_mask(<history[b, t], query[b]>, valid, k)`` with the keys computed in the op: a
+    float32 sum of the products rounded to ``history``'s dtype (float32 or bfloat16), as
+    ``tf.matmul`` in that dtype rounds its output. ``query`` [batch, dim] (cast to
+    ``history``'s dtype), ``history`` [batch, length, dim], ``valid`` [batch, length]."""
+    if int(k) < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    history = tf.convert_to_tensor(history)
+    if history.dtype not in DTYPES:
+        raise ValueError(f"dot_top_k_mask reads float32 or bfloat16, got {history.dtype.name}")
+    return _library().sim_merlin_dot_top_k_mask(
+        tf.cast(query, history.dtype), history, tf.cast(valid, tf.bool), k=int(k),
+        threads=_threads())
+
+
 tf.no_gradient("SimMerlinTopKMask")
+tf.no_gradient("SimMerlinDotTopKMask")

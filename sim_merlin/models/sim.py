@@ -174,7 +174,9 @@ class SIMBlock(SchemaConfigMixin, mm.Block):
             return pooled, selection, self.exact_search(target, long, selection)
         # Padded steps zeroed or not (``long_unmasked``): the same values and gradients.
         long = e["long_unmasked"] if "long_unmasked" in e else e["long"]
-        scores = tf.stop_gradient(dot_scores(target, long))
+        fused = long.dtype in fused_dot.DTYPES and model_ops.available()
+        # The fused search computes the scores itself (kernels/top_k_mask.cc).
+        scores = None if fused else tf.stop_gradient(dot_scores(target, long))
         selection = self.search.selection_mask(target, long, long_mask, scores=scores, **keys)
         valid = tf.cast(long_mask, tf.bool)
 
@@ -182,7 +184,7 @@ class SIMBlock(SchemaConfigMixin, mm.Block):
             return tf.stack([masked_softmax(scores, valid), masked_softmax(scores, selection),
                              tf.cast(selection, scores.dtype)], axis=1)
 
-        if long.dtype in fused_dot.DTYPES and model_ops.available():
+        if fused:
             # The three reads and their gradient as one op each (kernels/dot_attention.cc).
             masks = tf.stack([valid, selection, selection], axis=1)
             reads, _ = fused_dot.dot_reads(target, long, masks, normalize=[True, True, False])
