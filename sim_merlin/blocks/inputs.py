@@ -181,15 +181,19 @@ class BehaviourEmbeddings(SchemaConfigMixin, mm.Block):
             value = tf.squeeze(value, axis=1)
         return value
 
-    def _lookup(self, ids: dict, names):
+    def _lookup(self, ids: dict, names, mask=None):
+        """The rows of the columns ``names`` side by side; zero where ``mask`` (if given) is
+        false."""
         tables = [self.tables[self.layout.column_domain[n]] for n in names]
         if _fused_lookups(tables):
-            # One op: each row written once, in the compute dtype (the same values).
+            # One op: each row written once, in the compute dtype (the same values), the
+            # masked ones as zeros.
             return embedding_rows.embedding_rows([t.embeddings for t in tables],
                                                  [ids[n] for n in names],
-                                                 tables[0].compute_dtype)
+                                                 tables[0].compute_dtype, mask=mask)
         parts = [t(ids[n], announced=True) for t, n in zip(tables, names)]
-        return tf.concat(parts, axis=-1)
+        embedded = tf.concat(parts, axis=-1)
+        return embedded if mask is None else _masked(embedded, mask)
 
     def call(self, inputs, outputs=None, training=False):
         """The dict of the class docstring; with ``outputs`` (an iterable of its keys) only
@@ -239,8 +243,7 @@ class BehaviourEmbeddings(SchemaConfigMixin, mm.Block):
         for domain, read in sorted(reads.items()):
             self.tables[domain].announce(read)
         for key, (source, names, key_mask) in lookups.items():
-            embedded = self._lookup(source, names)
-            out[key] = embedded if key_mask is None else _masked(embedded, key_mask)
+            out[key] = self._lookup(source, names, key_mask)
         index = layout.features.index(self.search_feature)
         if "target_search_key" in wanted:
             out["target_search_key"] = self._ids(inputs, layout.target[index])

@@ -9,6 +9,9 @@
 // the quiet NaN 0x7FC0, as its vectorised cast does), so the values are the same bits. The
 // gradient (Python, sim_merlin/kernels/embedding_rows.py) is one IndexedSlices per table, as a
 // gather's (summed per table row for a small table read many times: EmbeddingRowsGradOp).
+// With a mask (M = 1, bool of shape S) a position whose mask is false gets a row of zeros and no
+// gradient (zero rows), as multiplying the rows by the mask would give (up to the sign of zero)
+// without that product's two passes, forward and backward: the padded steps of a history.
 
 #include <immintrin.h>
 
@@ -27,8 +30,10 @@ namespace {
 REGISTER_OP("SimMerlinEmbeddingRows")
     .Input("tables: N * resource")   // float32 [rows_k, widths[k]]
     .Input("ids: N * Tindices")      // one shape S for all
+    .Input("masks: M * bool")        // none, or one of shape S: false -> a row of zeros
     .Output("rows: T")               // S + [sum(widths)]
     .Attr("N: int >= 1")
+    .Attr("M: int >= 0 = 0")
     .Attr("widths: list(int) >= 1")
     .Attr("table_rows: list(int) = []")  // the tables' row counts, for the gradient
     .Attr("T: {float, bfloat16}")
@@ -47,6 +52,9 @@ REGISTER_OP("SimMerlinEmbeddingRows")
       for (int64_t w : widths) total += w;
       tensorflow::shape_inference::ShapeHandle shape = c->input(n);
       for (int k = 1; k < n; ++k) TF_RETURN_IF_ERROR(c->Merge(shape, c->input(n + k), &shape));
+      for (int k = 2 * n; k < c->num_inputs(); ++k) {
+        TF_RETURN_IF_ERROR(c->Merge(shape, c->input(k), &shape));
+      }
       tensorflow::shape_inference::ShapeHandle out;
       TF_RETURN_IF_ERROR(c->Concatenate(shape, c->Vector(total), &out));
       c->set_output(0, out);
@@ -139,6 +147,15 @@ class EmbeddingRowsOp : public OpKernel {
       ids[k] = index.flat<Index>().data();
       total += widths_[k];
     }
+    const bool* keep = nullptr;  // the mask, when given
+    if (context->num_inputs() > 2 * n_) {
+      const Tensor& mask = context->input(2 * n_);
+      OP_REQUIRES(context, mask.shape() == first_ids.shape(),
+                  tensorflow::errors::InvalidArgument(
+                      "the mask must have the ids' shape ", first_ids.shape().DebugString(),
+                      ", got ", mask.shape().DebugString()));
+      keep = mask.flat<bool>().data();
+    }
     tensorflow::TensorShape shape = first_ids.shape();
     shape.AddDim(total);
     Tensor* output = nullptr;
@@ -158,10 +175,12 @@ class EmbeddingRowsOp : public OpKernel {
             }
           }
         }
+        const bool masked = keep != nullptr && !keep[i];
         for (int k = 0; k < n_; ++k) {
           const int64_t row = static_cast<int64_t>(ids[k][i]);
-          if (row < 0 || row >= rows[k]) {
-            bad.store(k * count + i);
+          const bool outside = row < 0 || row >= rows[k];
+          if (outside) bad.store(k * count + i);
+          if (outside || masked) {
             std::memset(static_cast<void*>(target), 0, widths_[k] * sizeof(T));
           } else {
             CopyRow(tables[k] + row * widths_[k], target, widths_[k]);
@@ -252,29 +271,45 @@ class EmbeddingRowsGradOp : public OpKernel {
       for (int64_t i = 0; i < index_rows; ++i) out(i) = static_cast<int64_t>(ids[k][i]);
       rows_by_id.push_back(k);
     }
+    const bool* keep = nullptr;
+    if (context->num_inputs() > 1 + n) {
+      const Tensor& mask = context->input(1 + n);
+      OP_REQUIRES(context, mask.NumElements() == count,
+                  tensorflow::errors::InvalidArgument("the mask must have ", count,
+                                                      " elements, got ",
+                                                      mask.shape().DebugString()));
+      keep = mask.flat<bool>().data();
+    }
     const T* source = grad.flat<T>().data();
     if (!rows_by_id.empty()) {
       sim_merlin::ParallelFor(context, count, 4 * total, threads_, [&](int64_t first,
                                                                        int64_t last) {
         for (int64_t i = first; i < last; ++i) {
           const T* row = source + i * total;
+          const bool masked = keep != nullptr && !keep[i];
           for (int k : rows_by_id) {
             float* target = targets[k] + i * widths_[k];
             const T* from = row + offsets[k];
+            if (masked) {
+              std::fill_n(target, widths_[k], 0.0f);
+              continue;
+            }
             for (int64_t j = 0; j < widths_[k]; ++j) target[j] = static_cast<float>(from[j]);
           }
         }
       });
     }
     for (int k = 0; k < n; ++k) {
-      if (summed[k]) OP_REQUIRES_OK(context, Sum(context, source, total, count, k, ids[k],
+      if (summed[k]) OP_REQUIRES_OK(context, Sum(context, source, keep, total, count, k, ids[k],
                                                  offsets[k], &values, &indices));
     }
   }
 
  private:
   // Outputs k: the summed rows of the table rows read (ascending) and those rows.
-  tensorflow::Status Sum(OpKernelContext* context, const T* source, int64_t total, int64_t count,
+  // A masked position's row is read (listed) with nothing added, as a zero gradient row.
+  tensorflow::Status Sum(OpKernelContext* context, const T* source, const bool* keep,
+                         int64_t total, int64_t count,
                          int k, const Index* ids, int64_t offset, tensorflow::OpOutputList* values,
                          tensorflow::OpOutputList* indices) {
     const int64_t rows = rows_[k], width = widths_[k];
@@ -295,6 +330,7 @@ class EmbeddingRowsGradOp : public OpKernel {
             continue;
           }
           seen[row] = 1;
+          if (keep != nullptr && !keep[i]) continue;
           float* into = sums + row * width;
           const T* from = source + i * total + offset;
           for (int64_t j = 0; j < width; ++j) into[j] += static_cast<float>(from[j]);
@@ -344,9 +380,11 @@ class EmbeddingRowsGradOp : public OpKernel {
 REGISTER_OP("SimMerlinEmbeddingRowsGrad")
     .Input("rows_grad: T")        // [..., sum(widths)]
     .Input("ids: N * Tindices")   // the forward op's ids
+    .Input("masks: M * bool")     // the forward op's mask: false -> zero gradient rows
     .Output("values: N * float")  // [count or m, widths[k]]
     .Output("indices: N * int64")  // [m], [count] or [0] (see above)
     .Attr("N: int >= 1")
+    .Attr("M: int >= 0 = 0")
     .Attr("widths: list(int) >= 1")
     .Attr("table_rows: list(int)")
     .Attr("T: {float, bfloat16}")

@@ -9,7 +9,9 @@ as a gather's, so sparse-aware optimizers see what they saw before; their float3
 from one op too (a split and a cast per table in TensorFlow ops). A small table read many times
 in one lookup (at least 16 ids per row, at most 32,768 rows: the categories of a long history)
 gets its gradient rows already summed per table row, so the optimizer sums and updates one row
-per table row rather than one per id.
+per table row rather than one per id. With ``mask``, the positions where it is false get rows of
+zeros and zero gradient rows: a history's padded steps, without a product by the mask and its
+gradient (two passes over the result).
 
 Example::
 
@@ -40,12 +42,14 @@ def _variable(table):
     return getattr(table, "_variable", table)  # under an AutoCastVariable, the float32 one
 
 
-def embedding_rows(tables, ids, dtype=tf.float32):
-    """``concat([cast(gather(table, i), dtype) for table, i in zip(tables, ids)], -1)``.
+def embedding_rows(tables, ids, dtype=tf.float32, mask=None):
+    """``concat([cast(gather(table, i), dtype) for table, i in zip(tables, ids)], -1)``, times
+    ``mask[..., None]`` when a mask is given.
 
     ``tables``: float32 matrix variables [rows_k, width_k]; ``ids``: integer tensors of one shape
-    S (one per table); ``dtype``: float32 or bfloat16. Returns S + [sum of widths]. An id outside
-    its table raises ``InvalidArgumentError`` naming it.
+    S (one per table); ``dtype``: float32 or bfloat16; ``mask``: None or a bool (or 0/1) tensor
+    of shape S. Returns S + [sum of widths]. An id outside its table raises
+    ``InvalidArgumentError`` naming it (masked positions' ids too).
     """
     tables = [_variable(t) for t in tables]
     if len(tables) != len(ids) or not tables:
@@ -60,18 +64,20 @@ def embedding_rows(tables, ids, dtype=tf.float32):
         _tape.variable_accessed(table)  # the tape then sees the read, as a gather's
     index_dtype = tf.int32 if all(i.dtype == tf.int32 for i in ids) else tf.int64
     rows = [int(t.shape[0]) if t.shape[0] is not None else 0 for t in tables]
+    masks = [] if mask is None else [tf.cast(mask, tf.bool)]
     return _library().sim_merlin_embedding_rows(
-        [t.handle for t in tables], [tf.cast(i, index_dtype) for i in ids], widths=widths,
-        table_rows=rows, T=tf.as_dtype(dtype), threads=_threads())
+        [t.handle for t in tables], [tf.cast(i, index_dtype) for i in ids], masks,
+        widths=widths, table_rows=rows, T=tf.as_dtype(dtype), threads=_threads())
 
 
 @tf.RegisterGradient("SimMerlinEmbeddingRows")
 def _embedding_rows_gradient(op, rows_grad):
     count = op.get_attr("N")
     rows = op.get_attr("table_rows") or [0] * count
-    ids = op.inputs[count:]
+    ids = op.inputs[count:2 * count]
+    masks = op.inputs[2 * count:]
     values, indices = _library().sim_merlin_embedding_rows_grad(
-        rows_grad, ids, widths=op.get_attr("widths"), table_rows=rows,
+        rows_grad, ids, masks, widths=op.get_attr("widths"), table_rows=rows,
         threads=op.get_attr("threads"))
     # A small table read many times gets its rows summed per table row (embedding_rows.cc);
     # the op then gives the indices. A larger one: one row per id.
@@ -80,4 +86,4 @@ def _embedding_rows_gradient(op, rows_grad):
                                   resource_variable_ops.variable_shape(handle))
                  for handle, table_ids, part, index, table_rows
                  in zip(op.inputs[:count], ids, values, indices, rows)]
-    return gradients + [None] * count
+    return gradients + [None] * (len(op.inputs) - count)

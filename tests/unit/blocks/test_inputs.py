@@ -133,6 +133,13 @@ def test_only_the_outputs_asked_for_are_computed():
         layer(batch, outputs=("shorts",))
 
 
+def _sorted_rows(slices):
+    """An IndexedSlices' (index, row) pairs as one array sorted by index, then by the row."""
+    values = slices.values.numpy().reshape(len(slices.indices), -1).astype(np.float64)
+    rows = np.concatenate([slices.indices.numpy()[:, None].astype(np.float64), values], axis=1)
+    return rows[np.lexsort(rows.T[::-1])]
+
+
 @pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
 def test_fused_lookups_give_the_bits_and_gradients_of_the_plain_ones(policy):
     """With the fused kernels, each sequence's lookups are one op (embedding_rows); the outputs
@@ -167,5 +174,8 @@ def test_fused_lookups_give_the_bits_and_gradients_of_the_plain_ones(policy):
         assert fused[key].dtype == value.dtype, key
         np.testing.assert_array_equal(fused[key].numpy(), value.numpy(), key)
     for got, want in zip(fused_grads, plain_grads):
-        np.testing.assert_array_equal(got.indices.numpy(), want.indices.numpy())
-        np.testing.assert_array_equal(got.values.numpy(), want.values.numpy())
+        # The same gradient rows, bit for bit, each with its index. The order in which the tape
+        # concatenates a table's several reads depends on when each read's gradient is ready
+        # (the masked reads have no product by the mask in the fused path), so compare them
+        # sorted by index, then by value.
+        np.testing.assert_array_equal(*(_sorted_rows(g) for g in (got, want)))

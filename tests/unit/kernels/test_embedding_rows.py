@@ -145,3 +145,58 @@ def test_a_small_table_read_many_times_gets_its_gradient_summed_per_row(index_dt
               tf.cast(upstream, tf.float32).numpy()[..., 3:].reshape(-1, 2).astype(np.float64))
     np.testing.assert_allclose(tf.convert_to_tensor(small).numpy(), expected, rtol=1e-5,
                                atol=1e-4)
+
+
+def _masked_plain(tables, ids, dtype, mask):
+    return plain(tables, ids, dtype) * tf.cast(mask[..., None], dtype)
+
+
+@pytest.mark.parametrize("dtype", [tf.float32, tf.bfloat16])
+def test_a_mask_gives_the_values_and_gradients_of_multiplying_by_it(dtype):
+    """Masked positions: zero rows forward, zero gradient rows backward, as the product by the
+    mask (values equal: only the sign of a zero may differ, x * 0 being -0 for x < 0). The small
+    table (summed gradient) still lists a row read only at masked positions, with zeros."""
+    rng = np.random.default_rng(8)
+    tables = [tf.Variable(rng.normal(size=(1000, 4)).astype(np.float32)),
+              tf.Variable(rng.normal(size=(20, 3)).astype(np.float32))]
+    ids = [tf.constant(rng.integers(0, 1000, (40, 30))), tf.constant(rng.integers(1, 20, (40, 30)))]
+    mask = rng.uniform(size=(40, 30)) < 0.6
+    ids[1] = tf.where(mask, ids[1], 0)  # table row 0 of the small table: read, always masked
+    mask = tf.constant(mask)
+    upstream = tf.cast(tf.random.stateless_normal([40, 30, 7], [2, 3]), dtype)
+    with tf.GradientTape(persistent=True) as tape:
+        got = embedding_rows.embedding_rows(tables, ids, dtype, mask=mask)
+        want = _masked_plain(tables, ids, dtype, mask)
+        losses = [tf.reduce_sum(tf.cast(x * upstream, tf.float32)) for x in (got, want)]
+    assert got.dtype == dtype and got.shape == (40, 30, 7)
+    np.testing.assert_array_equal(got.numpy(), want.numpy())
+    assert not tf.cast(got, tf.float32).numpy()[~mask.numpy()].any()
+    large, small = tape.gradient(losses[0], tables)
+    want_large, want_small = tape.gradient(losses[1], tables)
+    np.testing.assert_array_equal(large.indices.numpy(), want_large.indices.numpy())
+    np.testing.assert_array_equal(large.values.numpy(), want_large.values.numpy())
+    assert not large.values.numpy()[~mask.numpy().reshape(-1)].any()
+    # 1,200 reads of a 20-row table: summed per row, row 0 listed (read) with a zero gradient.
+    assert small.values.shape == (20, 3)
+    assert small.indices.numpy().tolist() == list(range(20))
+    assert not small.values.numpy()[0].any()
+    expected = np.zeros([20, 3], np.float32)
+    keep = mask.numpy().reshape(-1)
+    np.add.at(expected, ids[1].numpy().reshape(-1)[keep],
+              tf.cast(upstream, tf.float32).numpy()[..., 4:].reshape(-1, 3)[keep])
+    np.testing.assert_allclose(small.values.numpy(), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(tf.convert_to_tensor(small).numpy(),
+                               tf.convert_to_tensor(want_small).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_a_mask_of_another_shape_is_named():
+    tables, ids = tables_and_ids()
+    with pytest.raises(tf.errors.InvalidArgumentError, match="mask|shape"):
+        embedding_rows.embedding_rows(tables, ids, mask=tf.ones([6, 8], tf.bool))
+
+
+def test_masked_positions_ids_are_still_checked():
+    tables, ids = tables_and_ids()
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"ids\[1\] .* is not in \[0, 7\)"):
+        embedding_rows.embedding_rows(tables, [ids[0], ids[1] + 7],
+                                      mask=tf.zeros([6, 9], tf.bool))
