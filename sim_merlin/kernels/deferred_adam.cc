@@ -254,6 +254,10 @@ class AdamKernel : public OpKernel {
   Alphas alphas_;
 };
 
+// A catch-up over at least this many ids per table row marks the rows read instead of listing
+// them per part.
+constexpr int64_t kIdsPerRowToMark = 4;
+
 template <typename Index>
 class CatchUpOp : public AdamKernel {
  public:
@@ -269,16 +273,51 @@ class CatchUpOp : public AdamKernel {
                 tensorflow::errors::InvalidArgument("step must be in 0 .. 2^31 - 1, got ", step));
     const int64_t width = table.width;
     int64_t n = 0;
-    for (int l = 0; l < lists.size(); ++l) {
+    for (int l = 0; l < lists.size(); ++l) n += lists[l].NumElements();
+    const bool mark = table.rows * kIdsPerRowToMark <= n;  // (the marking checks the ids)
+    for (int l = 0; l < lists.size() && !mark; ++l) {
       const Index* index = lists[l].flat<Index>().data();
       if (!InTable(context, index, lists[l].NumElements(), table.rows)) return;
-      n += lists[l].NumElements();
     }
     const float* alphas = alphas_.Upto(hyper, step);
     int32_t* steps = table.step_counts;
     float *w = table.w, *mm = table.mm, *vv = table.vv;
     const float c1 = 1.0f - hyper.beta1, c2 = 1.0f - hyper.beta2;
     std::atomic<int64_t> ahead{-1};
+    if (mark) {
+      // Many ids per table row (the categories of a long history): one pass over the ids marks
+      // the rows read, then row ranges catch up the marked rows that are behind. (Every part
+      // hashing every id, below, had cost more than the catch-up of such a table itself.)
+      std::vector<uint8_t> read(table.rows, 0);
+      for (int l = 0; l < lists.size(); ++l) {
+        const Index* index = lists[l].flat<Index>().data();
+        const int64_t count = lists[l].NumElements();
+        for (int64_t i = 0; i < count; ++i) {
+          const int64_t row = static_cast<int64_t>(index[i]);
+          if (row < 0 || row >= table.rows) {
+            InTable(context, index, count, table.rows);  // names it
+            return;
+          }
+          read[row] = 1;
+        }
+      }
+      sim_merlin::ParallelFor(context, table.rows, 20 * width, threads_,
+                              [&](int64_t first, int64_t last) {
+        for (int64_t row = first; row < last; ++row) {
+          if (!read[row] || steps[row] == step) continue;
+          if (steps[row] > step) {
+            ahead = row;
+            continue;
+          }
+          const int64_t offset = row * width;
+          ZeroGradientSteps(w + offset, mm + offset, vv + offset, width, steps[row] + 1, step,
+                            alphas, c1, c2, hyper.epsilon);
+          steps[row] = static_cast<int32_t>(step);
+        }
+      });
+      OP_REQUIRES(context, ahead < 0, Ahead(ahead, steps[ahead], step));
+      return;
+    }
     ForEachRowRange(context, table.rows, n, [&](RowPart part) {
       // The part's rows that are behind, each once (its count is set as it is listed).
       std::vector<int64_t> rows, from;

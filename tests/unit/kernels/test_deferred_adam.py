@@ -176,3 +176,45 @@ adam.catch_up(*deferred, steps, tf.range(rows), 0.01, 0.9, 0.999, 1e-7, 30)
 print(all(np.array_equal(a.numpy(), b.numpy()) for a, b in zip(dense, deferred)))
 """)
     assert output.strip().splitlines()[-1] == "True"
+
+
+@pytest.mark.parametrize("index_dtype", [np.int32, np.int64])
+def test_a_small_table_read_many_times_catches_up_by_marking_its_rows(index_dtype):
+    """At least 4 ids per table row (the categories of a long history): the catch-up marks the
+    rows read instead of listing them per part. The rows read come up to the step (dense
+    Adam's bits), the others keep their count, and a read row ahead is still named."""
+    rng = np.random.default_rng(3)
+    rows, width = 10, 16
+    initial = (rng.normal(size=(rows, width)) * 0.1).astype(np.float32)
+    dense, deferred = table(initial), table(initial)
+    steps = tf.Variable(tf.zeros([rows], tf.int32))
+    for step in range(1, 61):
+        indices = rng.integers(0, rows, 3)
+        values = rng.normal(size=(3, width)).astype(np.float32)
+        dense_adam_step(dense, tf.math.unsorted_segment_sum(values, indices, rows), step)
+        if step % 7 == 0:  # 60 reads of rows 0 .. 5 (rows 6 .. 9 not read)
+            read = rng.integers(0, 6, 60).astype(index_dtype)
+            before = steps.numpy().copy()
+            adam.catch_up(*deferred, steps, [tf.constant(read[:25]), tf.constant(read[25:])],
+                          LR, BETA_1, BETA_2, EPSILON, step - 1)
+            after = steps.numpy()
+            assert (after[np.unique(read)] == step - 1).all()
+            unread = np.setdiff1d(np.arange(rows), read)
+            np.testing.assert_array_equal(after[unread], before[unread])
+        adam.deferred_update(*deferred, steps, tf.IndexedSlices(values, indices), LR, BETA_1,
+                             BETA_2, EPSILON, step)
+    adam.catch_up(*deferred, steps, tf.constant(np.repeat(np.arange(rows), 4)), LR, BETA_1,
+                  BETA_2, EPSILON, 60)
+    for mine, theirs in zip(deferred, dense):
+        np.testing.assert_array_equal(mine.numpy(), theirs.numpy())
+    with pytest.raises(tf.errors.FailedPreconditionError, match="has had 60 Adam steps"):
+        adam.catch_up(*deferred, steps, tf.constant(np.repeat(np.arange(rows), 4)), LR, BETA_1,
+                      BETA_2, EPSILON, 59)
+
+
+def test_a_row_outside_the_table_is_named_when_the_rows_are_marked():
+    variables = table(np.zeros([2, 3], np.float32))
+    steps = tf.Variable(tf.zeros([2], tf.int32))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="index 6 is 2, outside .* 2 rows"):
+        adam.catch_up(*variables, steps, tf.constant([0, 1, 1, 0, 0, 1, 2, 0]), LR, BETA_1,
+                      BETA_2, EPSILON, 1)
