@@ -3,7 +3,8 @@
 // The GSU keeps the top_k behaviours of a long history by relevance; the ESU reads that choice as
 // a mask over the history (it is order-free). In TensorFlow ops that is a sort (TopKV2 over the
 // whole row), then a histogram of the picked positions (DenseBincount) and a logical and: this op
-// selects each row's k best valid positions in one pass (a partial selection, O(length)).
+// marks each row's k best valid positions without sorting (SelectRow: each candidate's count of
+// better candidates, by vector comparisons; a partial selection without AVX-512).
 //
 // SimMerlinTopKMask: selection[b, t] = valid[b, t] and t is among the k valid positions of row b
 // with the highest keys (all valid positions when there are at most k). Equal keys rank by
@@ -149,7 +150,12 @@ inline void Widen(const sim_merlin::Bfloat16* from, int64_t count, float* to) {
   sim_merlin::ToFloat(from, count, to);
 }
 
-#if defined(__AVX512F__)
+// Masked 16-bit loads need AVX512BW and VL besides AVX512F.
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define SIM_MERLIN_DOT_AVX512 1
+#endif
+
+#ifdef SIM_MERLIN_DOT_AVX512
 // The first `count` <= 16 elements of a row as float32 lanes (zeros after).
 inline __m512 Load16(const float* row, int64_t count) {
   return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << count) - 1u), row);
@@ -164,7 +170,7 @@ inline __m512 Load16(const sim_merlin::Bfloat16* row, int64_t count) {
 // row: 16 lanes of fused multiply-adds, then the lanes' sum.
 template <typename T>
 inline float Dot(const T* row, const float* q, int64_t width) {
-#if defined(__AVX512F__)
+#ifdef SIM_MERLIN_DOT_AVX512
   __m512 sum = _mm512_setzero_ps();
   for (int64_t d = 0; d < width; d += 16) {
     const int64_t count = std::min<int64_t>(16, width - d);

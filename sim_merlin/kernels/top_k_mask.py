@@ -2,10 +2,10 @@
 
 SIM's general search unit keeps the ``top_k`` behaviours of the long history by relevance, and
 its exact search unit reads that choice as a mask over the history. :func:`top_k_mask` gives the
-mask directly, by a partial selection per row, instead of TensorFlow's sort of every row, a
+mask directly, selecting per row without a sort, instead of TensorFlow's sort of every row, a
 histogram of the picked positions and a logical and; :func:`dot_top_k_mask` computes soft
-search's keys (the target's inner product with each behaviour) in the same op. The blocks use it where
-:func:`sim_merlin.kernels.model_ops.available` holds.
+search's keys (the target's inner product with each behaviour) in the same op. The blocks use
+them where :func:`sim_merlin.kernels.model_ops.available` holds.
 
 Example::
 
