@@ -290,14 +290,16 @@ class AuxiliaryLoss(mm.Block):
         self.dropout = tf.keras.layers.Dropout(self.dropout_rate) if self.dropout_rate > 0 else None
         self.scorer_layers.append(tf.keras.layers.Dense(1, dtype="float32", name="auxiliary_logit"))
 
-    def _pairs(self, states, positive, negative):
-        """The scorer's inputs: the states of steps 0..T-2 [batch, length - 1, units], the
-        behaviours of steps 1..T-1 ``later`` (positive, negative), the first layer's kernel split
-        into its state and behaviour rows."""
+    def _pairs(self, states, positive, negative, whole_states=False):
+        """The scorer's inputs: the states of steps 0..T-2 [batch, length - 1, units] (all the
+        states with ``whole_states``), the behaviours of steps 1..T-1 ``later`` (positive,
+        negative), the first layer's kernel split into its state and behaviour rows."""
         # tf.split, not states[:, :-1] / behaviours[:, 1:]: the gradient of a strided slice is
         # slow on CPU (StridedSliceGrad), that of a split is a concatenation.
         length = tf.shape(states)[1]
-        earlier, _ = tf.split(states, tf.stack([length - 1, 1]), axis=1, num=2)
+        earlier = states
+        if not whole_states:
+            earlier, _ = tf.split(states, tf.stack([length - 1, 1]), axis=1, num=2)
         later = [tf.split(tf.cast(b, states.dtype), tf.stack([1, length - 1]), axis=1, num=2)[1]
                  for b in (positive, negative)]
         first = self.scorer_layers[0]
@@ -311,10 +313,13 @@ class AuxiliaryLoss(mm.Block):
     def _fused(self) -> bool:
         return self.dropout is None and model_ops.available()
 
-    def _fused_arguments(self, states, positive, negative):
+    def _fused_arguments(self, states, positive, negative, whole_states=False):
         """The whole tower as one op (sim_merlin.kernels.sigmoid_mlp), same function: its rows
-        are each step's (positive, negative) pair, the state a group input they share."""
-        earlier, later, w_state, w_behaviour = self._pairs(states, positive, negative)
+        are each step's (positive, negative) pair, the state a group input they share.
+        ``whole_states``: the groups are all the states, [batch * length, units] (for the loss
+        op's ``group_steps``), not a copy without each sample's last step."""
+        earlier, later, w_state, w_behaviour = self._pairs(states, positive, negative,
+                                                           whole_states)
         pairs = tf.stack(later, axis=2)  # [batch, length - 1, 2, dim]
         first = self.scorer_layers[0]
         kernels, biases = fused_mlp.keras_weights(self.scorer_layers[1:], first.units)
@@ -373,7 +378,9 @@ class AuxiliaryLoss(mm.Block):
         """In training, the loss and its gradients as one op
         (``sigmoid_mlp_logistic_loss``): the tower runs once per step, not forward and again in
         its gradient. The same loss as :meth:`call`'s other path, up to float32 rounding."""
-        _, arguments = self._fused_arguments(states, positive, negative)
+        steps = states.shape[1]  # the groups are the states themselves when it is known
+        whole = steps is not None and steps > 1
+        _, arguments = self._fused_arguments(states, positive, negative, whole_states=whole)
         if self.reference_compatible:  # the mean over all pairs of the later step's mask
             per_pair = mask[:, 1:] / tf.cast(tf.size(mask[:, 1:]), tf.float32)
         else:  # the mean over the pairs whose two steps are real
@@ -383,7 +390,7 @@ class AuxiliaryLoss(mm.Block):
         labels = tf.stack([tf.ones_like(per_pair), tf.zeros_like(per_pair)], axis=-1)
         return fused_mlp.sigmoid_mlp_logistic_loss(
             labels=labels, weights=weights, epsilon=1e-6 if self.reference_compatible else 0.0,
-            **arguments)
+            group_steps=int(steps) if whole else 0, **arguments)
 
     def get_config(self):
         config = super().get_config()

@@ -110,10 +110,16 @@ REGISTER_OP("SimMerlinSigmoidMlpGrad")
 // loss and its gradients (those of SimMerlinSigmoidMlpGrad for dz = w dl/dz): a training step
 // then runs the MLP once (forward and backward in one op) instead of once forward and again in
 // the gradient op; the registered gradient scales them by the loss's incoming gradient.
+// With group_steps S > 1, groups is [M * S, G]: M samples of S steps, whose first S - 1 steps are
+// the M (S - 1) groups of the rows (group m in row m + m / (S - 1)); each sample's last step is
+// in no group and gets a zero gradient. DIEN's auxiliary loss pairs state t with behaviour t + 1:
+// its groups are then the states themselves, not a copy without each sample's last step (and
+// their gradient no copy padded back).
 REGISTER_OP("SimMerlinSigmoidMlpLogisticLoss")
     .Attr("T: {float, bfloat16}")
     .Attr("layers: int >= 1")
     .Attr("epsilon: float = 0")
+    .Attr("group_steps: int = 0")  // > 1: groups are samples of this many rows, see above
     .Attr("bf16_products: bool = false")
     .Attr("threads: int = 0")
     .Input("inputs: T")
@@ -143,7 +149,8 @@ REGISTER_OP("SimMerlinSigmoidMlpLogisticLoss")
 // layer's per-row weight is [K_0; W_p] (one product over [x, x * g]).
 class Layers {
  public:
-  Status Read(OpKernelContext* context, bool bf16, bool transposed_too) {
+  Status Read(OpKernelContext* context, bool bf16, bool transposed_too,
+              int64_t group_steps = 0) {
     const Tensor &x = context->input(0), &g = context->input(1);
     const Tensor &group_kernel = context->input(2), &product_kernel = context->input(3);
     OpInputList kernels, biases;
@@ -155,7 +162,13 @@ class Layers {
           g.shape().DebugString());
     }
     rows_ = x.dim_size(0);
-    const int64_t groups = g.dim_size(0);
+    steps_ = group_steps > 1 ? group_steps : 0;
+    if (steps_ > 0 && g.dim_size(0) % steps_ != 0) {
+      return tensorflow::errors::InvalidArgument(
+          "groups must be whole samples of group_steps = ", steps_, " rows, got ",
+          g.dim_size(0), " rows");
+    }
+    const int64_t groups = steps_ > 0 ? g.dim_size(0) / steps_ * (steps_ - 1) : g.dim_size(0);
     if (groups == 0 ? rows_ != 0 : rows_ % groups != 0) {
       return tensorflow::errors::InvalidArgument(
           "the rows of inputs (", rows_, ") must be a whole number of groups, one per row of "
@@ -235,6 +248,30 @@ class Layers {
     return cost;
   }
 
+  // Groups first .. first + count - 1 as float32 rows [count, G]: the input's own rows when they
+  // are float32 and contiguous, else converted (or gathered, with group steps) into `buffer`.
+  template <typename T>
+  const float* GroupRows(const T* g, int64_t first, int64_t count, FloatBuffer* buffer) const {
+    const int64_t width = group_width_;
+    if (steps_ == 0) return InputRows(g + first * width, count * width, buffer);
+    buffer->resize(count * width);
+    ForEachRun(first, count, [&](int64_t i, int64_t row, int64_t run, bool) {
+      Widen(g + row * width, run * width, buffer->data() + i * width);
+    });
+    return buffer->data();
+  }
+
+  // Stores the gradient rows [count, G] of groups first .. first + count - 1 into `out` (the
+  // groups input's shape); with group steps, also zeros each sample's last step after them.
+  template <typename T>
+  void StoreGroupRows(const float* rows, int64_t first, int64_t count, T* out) const {
+    const int64_t width = group_width_;
+    ForEachRun(first, count, [&](int64_t i, int64_t row, int64_t run, bool sample_end) {
+      Narrow(rows + i * width, run * width, out + row * width);
+      if (sample_end) std::fill_n(out + (row + run) * width, width, T(0.0f));
+    });
+  }
+
   // The first product's left operand of n rows: x, or [x, x * g] with the product term.
   const float* RowInputs(const float* x, const float* g, int64_t n, Matrix* joined) const {
     if (product_width_ == 0) return x;
@@ -295,7 +332,35 @@ class Layers {
     if (transposed_too) transposed_.emplace_back(view.Transposed(), bf16);
   }
 
-  int64_t rows_ = 0, repeat_ = 1, block_rows_ = kRowsPerBlock;
+  // Calls run(i, row, length, sample_end) for each run of consecutive groups first + i ..
+  // first + i + length - 1, stored from row `row` of the groups input; sample_end: the run ends
+  // a sample (the row after it is that sample's last step, in no group).
+  template <typename Run>
+  void ForEachRun(int64_t first, int64_t count, Run run) const {
+    if (steps_ == 0) {
+      run(0, first, count, false);
+      return;
+    }
+    const int64_t per_sample = steps_ - 1;
+    for (int64_t i = 0; i < count;) {
+      const int64_t group = first + i;
+      const int64_t left = per_sample - group % per_sample;
+      const int64_t length = std::min(count - i, left);
+      run(i, group + group / per_sample, length, length == left);
+      i += length;
+    }
+  }
+
+  static void Widen(const float* from, int64_t count, float* to) { std::copy_n(from, count, to); }
+  static void Widen(const Bfloat16* from, int64_t count, float* to) {
+    sim_merlin::ToFloat(from, count, to);
+  }
+  static void Narrow(const float* from, int64_t count, float* to) { std::copy_n(from, count, to); }
+  static void Narrow(const float* from, int64_t count, Bfloat16* to) {
+    sim_merlin::ToBfloat16(from, count, to);
+  }
+
+  int64_t rows_ = 0, repeat_ = 1, block_rows_ = kRowsPerBlock, steps_ = 0;
   int64_t input_width_ = 0, group_width_ = 0, product_width_ = 0;
   Matrix row_kernel_;
   std::vector<int64_t> widths_;
@@ -366,12 +431,15 @@ template <typename T, bool kLoss>
 class SigmoidMlpGradOp : public sim_merlin::RowBlockKernel {
  public:
   explicit SigmoidMlpGradOp(tensorflow::OpKernelConstruction* context) : RowBlockKernel(context) {
-    if (kLoss) OP_REQUIRES_OK(context, context->GetAttr("epsilon", &epsilon_));
+    if (kLoss) {
+      OP_REQUIRES_OK(context, context->GetAttr("epsilon", &epsilon_));
+      OP_REQUIRES_OK(context, context->GetAttr("group_steps", &group_steps_));
+    }
   }
 
   void Compute(OpKernelContext* context) override {
     Layers layers;
-    OP_REQUIRES_OK(context, layers.Read(context, bf16_, true));
+    OP_REQUIRES_OK(context, layers.Read(context, bf16_, true, group_steps_));
     const int count = layers.count();
     const Tensor& out_grad = context->input(4 + 2 * count);
     const int64_t rows = layers.rows(), outputs = layers.width(count - 1);
@@ -433,7 +501,7 @@ class SigmoidMlpGradOp : public sim_merlin::RowBlockKernel {
           Products hidden(bf16_), output(false);
           FloatBuffer x_buffer, g_buffer, grad_buffer;
           const float* x_rows = InputRows(x + begin * d, n * d, &x_buffer);
-          const float* g_rows = InputRows(g + first_group * g_width, groups * g_width, &g_buffer);
+          const float* g_rows = layers.GroupRows(g, first_group, groups, &g_buffer);
           Matrix joined, block_out;
           std::vector<Matrix> activations;
           const float* row_inputs = layers.RowInputs(x_rows, g_rows, n, &joined);
@@ -508,10 +576,7 @@ class SigmoidMlpGradOp : public sim_merlin::RowBlockKernel {
             }
             StoreRows(dx, n * d, x_grad_rows + begin * d);
           }
-          float* dg_out = OutputRows(g_grad_rows + first_group * g_width, groups * g_width,
-                                     &grad_buffer);
-          std::copy_n(dg.data(), groups * g_width, dg_out);
-          StoreRows(dg_out, groups * g_width, g_grad_rows + first_group * g_width);
+          layers.StoreGroupRows(dg.data(), first_group, groups, g_grad_rows);
         });
 
     // Sum the blocks' gradients in block order into the outputs.
@@ -546,6 +611,7 @@ class SigmoidMlpGradOp : public sim_merlin::RowBlockKernel {
 
  private:
   float epsilon_ = 0.0f;
+  int group_steps_ = 0;
 };
 
 #define SIM_MERLIN_REGISTER(T)                                                            \

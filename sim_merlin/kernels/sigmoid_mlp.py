@@ -80,7 +80,8 @@ def sigmoid_mlp(inputs, kernels, biases, groups=None, group_kernel=None, product
 
 
 def sigmoid_mlp_logistic_loss(inputs, kernels, biases, labels, weights, groups=None,
-                              group_kernel=None, product_kernel=None, epsilon=0.0):
+                              group_kernel=None, product_kernel=None, epsilon=0.0,
+                              group_steps=0):
     """The weighted logistic loss of :func:`sigmoid_mlp`'s logits z [rows, 1], a scalar:
     ``sum_n weights[n] * l(z_n, labels[n])`` with ``l = y softplus(-z) + (1 - y) softplus(z)``
     (``epsilon`` 0), or the reference DIEN's ``-y log(sigmoid(z) + epsilon) - (1 - y) log(1 -
@@ -91,12 +92,18 @@ def sigmoid_mlp_logistic_loss(inputs, kernels, biases, labels, weights, groups=N
     incoming gradient. The same function as :func:`sigmoid_mlp` followed by that loss in
     TensorFlow ops, up to float32 rounding; use it where a gradient will be taken (it does the
     backward work even when none is).
+
+    ``group_steps`` S > 1: ``groups`` holds samples of S rows of which the first S - 1 are the
+    groups (each sample's last row is in none; its gradient is zero): the loss of ``groups``
+    ``[M * S, G]`` equals that of its rows without each sample's last, with no copy made.
     """
+    if group_steps > 1 and groups is None:
+        raise ValueError("group_steps needs groups")
     args = _op_inputs(inputs, kernels, biases, groups, group_kernel, product_kernel)
     *_, loss = _library().sim_merlin_sigmoid_mlp_logistic_loss(
         *args, tf.reshape(tf.cast(labels, tf.float32), [-1]),
         tf.reshape(tf.cast(weights, tf.float32), [-1]), epsilon=float(epsilon),
-        bf16_products=args[0].dtype == tf.bfloat16, threads=_threads())
+        group_steps=int(group_steps), bf16_products=args[0].dtype == tf.bfloat16, threads=_threads())
     return loss
 
 

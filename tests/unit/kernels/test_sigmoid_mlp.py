@@ -448,3 +448,53 @@ def test_dien_attention_unit_is_the_same_on_the_fused_path():
     assert "SimMerlinSigmoidMlp" in _used_ops(weights_of)
     relu = TargetAttention(scoring="din", hidden_units=(9, 4), activation="relu")
     assert "SimMerlinSigmoidMlp" not in _used_ops(lambda: relu(query, keys, mask))
+
+
+@pytest.mark.parametrize("dtype", [tf.float32, tf.bfloat16])
+@pytest.mark.parametrize("steps", [2, 10])
+def test_logistic_loss_with_group_steps_is_the_loss_of_the_copy_without_last_steps(dtype, steps):
+    """group_steps S: groups [M * S, G] whose rows are the M (S - 1) groups and each sample's
+    last step (in no group). The same loss and gradients, bit for bit, as the op given the copy
+    of the groups without those last steps; their gradient rows are zero. 40 samples of pairs:
+    blocks of 128 groups span samples."""
+    rng = np.random.default_rng(steps)
+    samples, width, units = 40, 12, (100, 50, 1)
+    rows = samples * (steps - 1) * 2
+    x = tf.cast(rng.normal(size=(rows, 32)).astype(np.float32), dtype)
+    whole = tf.cast(rng.normal(size=(samples * steps, width)).astype(np.float32), dtype)
+    without_last = tf.reshape(tf.reshape(whole, [samples, steps, width])[:, :-1], [-1, width])
+    shapes = [(32, units[0]), (units[0], units[1]), (units[1], 1)]
+    kernels = [tf.constant(rng.normal(size=s).astype(np.float32) * 0.2) for s in shapes]
+    biases = [tf.constant(rng.normal(size=s[1]).astype(np.float32) * 0.1) for s in shapes]
+    group_kernel = tf.constant(rng.normal(size=(width, units[0])).astype(np.float32) * 0.2)
+    labels = np.tile(np.array([1.0, 0.0], np.float32), rows // 2)
+    weights = rng.uniform(size=rows).astype(np.float32)
+
+    def run(groups, group_steps):
+        with tf.GradientTape() as tape:
+            tape.watch([x, groups, *kernels, group_kernel])
+            loss = sigmoid_mlp_logistic_loss(x, kernels, biases, labels, weights, groups=groups,
+                                             group_kernel=group_kernel, epsilon=1e-6,
+                                             group_steps=group_steps)
+        return loss, tape.gradient(loss, [x, groups, *kernels, group_kernel])
+
+    loss, grads = run(whole, steps)
+    want_loss, want_grads = run(without_last, 0)
+    assert loss.numpy() == want_loss.numpy()
+    d_groups = tf.reshape(grads[1], [samples, steps, width]).numpy()
+    assert grads[1].dtype == dtype and not d_groups[:, -1].any()
+    np.testing.assert_array_equal(d_groups[:, :-1].reshape(-1, width), want_grads[1].numpy())
+    for got, want in zip(grads[:1] + grads[2:], want_grads[:1] + want_grads[2:]):
+        np.testing.assert_array_equal(got.numpy(), want.numpy())
+
+
+def test_group_steps_that_do_not_divide_the_groups_are_named():
+    x, kernels, biases = tf.zeros([8, 3]), [tf.zeros([3, 2]), tf.zeros([2, 1])], [tf.zeros([2]),
+                                                                               tf.zeros([1])]
+    with pytest.raises(tf.errors.InvalidArgumentError, match="whole samples of group_steps = 3"):
+        sigmoid_mlp_logistic_loss(x, kernels, biases, tf.zeros([8]), tf.zeros([8]),
+                                  groups=tf.zeros([5, 4]), group_kernel=tf.zeros([4, 2]),
+                                  group_steps=3)
+    with pytest.raises(ValueError, match="group_steps needs groups"):
+        sigmoid_mlp_logistic_loss(x, kernels, biases, tf.zeros([8]), tf.zeros([8]),
+                                  group_steps=3)
