@@ -103,7 +103,8 @@ def sigmoid_mlp_logistic_loss(inputs, kernels, biases, labels, weights, groups=N
     *_, loss = _library().sim_merlin_sigmoid_mlp_logistic_loss(
         *args, tf.reshape(tf.cast(labels, tf.float32), [-1]),
         tf.reshape(tf.cast(weights, tf.float32), [-1]), epsilon=float(epsilon),
-        group_steps=int(group_steps), bf16_products=args[0].dtype == tf.bfloat16, threads=_threads())
+        group_steps=int(group_steps), bf16_products=args[0].dtype == tf.bfloat16,
+        threads=_threads())
     return loss
 
 
