@@ -123,6 +123,21 @@ inline void ToBfloat16(const float* source, int64_t count, Bfloat16* target) {
   for (; i < count; ++i) bits[i] = static_cast<Bfloat16>(source[i]).value;  // Eigen rounds to even
 }
 
+// Rows of either dtype into float32 rows (Widen: exact) and back (Narrow: rounded as above), as
+// copies, for a kernel that gathers or scatters rows of a tensor of the model's dtype.
+inline void Widen(const float* source, int64_t count, float* target) {
+  std::copy_n(source, count, target);
+}
+inline void Widen(const Bfloat16* source, int64_t count, float* target) {
+  ToFloat(source, count, target);
+}
+inline void Narrow(const float* source, int64_t count, float* target) {
+  std::copy_n(source, count, target);
+}
+inline void Narrow(const float* source, int64_t count, Bfloat16* target) {
+  ToBfloat16(source, count, target);
+}
+
 // An input's rows: the tensor's own memory when float32, else a converted copy in `buffer`.
 inline const float* InputRows(const float* rows, int64_t count, FloatBuffer*) {
   return rows;

@@ -256,7 +256,7 @@ class Layers {
     if (steps_ == 0) return InputRows(g + first * width, count * width, buffer);
     buffer->resize(count * width);
     ForEachRun(first, count, [&](int64_t i, int64_t row, int64_t run, bool) {
-      Widen(g + row * width, run * width, buffer->data() + i * width);
+      sim_merlin::Widen(g + row * width, run * width, buffer->data() + i * width);
     });
     return buffer->data();
   }
@@ -267,7 +267,7 @@ class Layers {
   void StoreGroupRows(const float* rows, int64_t first, int64_t count, T* out) const {
     const int64_t width = group_width_;
     ForEachRun(first, count, [&](int64_t i, int64_t row, int64_t run, bool sample_end) {
-      Narrow(rows + i * width, run * width, out + row * width);
+      sim_merlin::Narrow(rows + i * width, run * width, out + row * width);
       if (sample_end) std::fill_n(out + (row + run) * width, width, T(0.0f));
     });
   }
@@ -349,15 +349,6 @@ class Layers {
       run(i, group + group / per_sample, length, length == left);
       i += length;
     }
-  }
-
-  static void Widen(const float* from, int64_t count, float* to) { std::copy_n(from, count, to); }
-  static void Widen(const Bfloat16* from, int64_t count, float* to) {
-    sim_merlin::ToFloat(from, count, to);
-  }
-  static void Narrow(const float* from, int64_t count, float* to) { std::copy_n(from, count, to); }
-  static void Narrow(const float* from, int64_t count, Bfloat16* to) {
-    sim_merlin::ToBfloat16(from, count, to);
   }
 
   int64_t rows_ = 0, repeat_ = 1, block_rows_ = kRowsPerBlock, steps_ = 0;

@@ -145,11 +145,6 @@ inline float Rounded(float x, sim_merlin::Bfloat16*) {
   return static_cast<float>(static_cast<sim_merlin::Bfloat16>(x));  // to nearest even
 }
 
-inline void Widen(const float* from, int64_t count, float* to) { std::copy_n(from, count, to); }
-inline void Widen(const sim_merlin::Bfloat16* from, int64_t count, float* to) {
-  sim_merlin::ToFloat(from, count, to);
-}
-
 // Masked 16-bit loads need AVX512BW and VL besides AVX512F.
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define SIM_MERLIN_DOT_AVX512 1
@@ -253,7 +248,7 @@ class DotTopKMaskOp : public TopKMaskKernel {
           std::vector<uint64_t> words(length + 12);
           std::vector<float> q(width), keys(length);
           for (int64_t b = first; b < last; ++b) {
-            Widen(queries + b * width, width, q.data());
+            sim_merlin::Widen(queries + b * width, width, q.data());
             const T* h = steps + b * length * width;
             const bool* row_valid = is_valid + b * length;
             for (int64_t t = 0; t < length; ++t) {
