@@ -3,8 +3,11 @@
 
     .venv/bin/python bench/profile_step.py --model_type sim --global_batch_size 4096 [--amp]
 
-Builds the model exactly as ``python -m sim_merlin.fit`` does (same options), takes one batch of
-the Books-size benchmark data (``bench/books_size_data.py``) into memory, runs a few warm-up
+Builds the model exactly as ``python -m sim_merlin.fit`` does (same options), takes ``--batches``
+batches of the Books-size benchmark data (``bench/books_size_data.py``) into memory (one by
+default; with several, the steps cycle through them, so the embedding rows read and updated
+differ from step to step as in training, and Adam's deferred rows have steps to catch up: with
+one batch every step reads the rows the step before updated), runs a few warm-up
 steps, then profiles ``--steps`` training steps with ``tf.profiler`` and sums the op times it
 recorded (all threads) by op type and by the model scope an op belongs to. Prints two tables and
 writes ``--json``. The wall time per step is printed too: op time exceeds it when ops run
@@ -92,6 +95,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--batches", type=int, default=1,
+                        help="distinct batches held in memory; the steps cycle through them")
     parser.add_argument("--predict", action="store_true",
                         help="profile the inference step (no gradients, no auxiliary loss)")
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "profile.json")
@@ -110,11 +115,19 @@ def main(argv=None) -> int:
     train = run.split("train")
     trainer = run.build(train.schema, run._first_features(train))
     loader = train.loader(run.local_batch)
-    features, labels = next(iter(loader))
+    batches = []
+    for features, labels in loader:
+        batches.append((features, labels))
+        if len(batches) == max(1, args.batches):
+            break
     loader.stop()
     import tensorflow as tf
 
+    steps_taken = [0]
+
     def step():
+        features, labels = batches[steps_taken[0] % len(batches)]
+        steps_taken[0] += 1
         if args.predict:
             trainer.predict_step(features).numpy()
         else:
@@ -134,7 +147,7 @@ def main(argv=None) -> int:
     by_type, by_scope, by_op = op_times(logdir)
     shutil.rmtree(logdir, ignore_errors=True)
     total = sum(by_type.values())
-    batch = int(labels.shape[0])
+    batch = int(batches[0][1].shape[0])
     print(f"wall {1000 * wall:.1f} ms/step ({batch / wall:,.0f} samples/s); "
           f"op time {1000 * total / args.steps:.1f} ms/step")
     by_group = collections.Counter()
@@ -147,7 +160,8 @@ def main(argv=None) -> int:
             print(f"{name[-60:]:<60} {1000 * seconds / args.steps:9.1f} {seconds / total:7.1%}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({
-        "options": fit_args, "step": "predict" if args.predict else "train", "batch": batch, "wall_ms_per_step": 1000 * wall,
+        "options": fit_args, "step": "predict" if args.predict else "train", "batch": batch,
+        "batches": len(batches), "wall_ms_per_step": 1000 * wall,
         "op_ms_per_step_by_group": {k: 1000 * v / args.steps for k, v in by_group.items()},
         "op_ms_per_step_by_type": {k: 1000 * v / args.steps for k, v in by_type.items()},
         "op_ms_per_step_by_scope": {k: 1000 * v / args.steps for k, v in by_scope.items()},
