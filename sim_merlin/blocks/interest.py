@@ -145,11 +145,14 @@ def unrolled_gru(sequence, mask, kernel, recurrent_kernel, bias, fused=None):
     return tf.stack(outputs, axis=1)
 
 
-def unrolled_augru(sequence, scores, mask, cell: AUGRUCell, fused=None):
+def unrolled_augru(sequence, scores, mask, cell: AUGRUCell, fused=None,
+                   keep_activations=False):
     """``keras.layers.RNN(cell)`` over ``[sequence | scores]``: the final state [B, units].
 
     ``sequence`` [B, T, F], ``scores`` [B, T], ``mask`` [B, T] bool or None; ``fused`` as for
-    :func:`unrolled_gru`.
+    :func:`unrolled_gru`. ``keep_activations``: the fused op keeps what its gradient needs
+    instead of the gradient running the forward pass again (for training steps; the same
+    values).
     """
     dtype = sequence.dtype
     features = sequence.shape[-1]
@@ -161,7 +164,8 @@ def unrolled_augru(sequence, scores, mask, cell: AUGRUCell, fused=None):
         (gate_x, gate_s), (cand_x, cand_s) = (tf.split(w.kernel, [features, cell.units], axis=0)
                                               for w in (cell.gates, cell.candidate))
         return fused_kernels.augru(sequence, tf.concat([gate_x, cand_x], axis=1), bias, gate_s,
-                                   cand_s, scores, _step_mask(mask, sequence))
+                                   cand_s, scores, _step_mask(mask, sequence),
+                                   keep_activations=keep_activations)
     gate_x, gate_s = tf.split(tf.cast(cell.gates.kernel, dtype), [features, cell.units], axis=0)
     cand_x, cand_s = tf.split(tf.cast(cell.candidate.kernel, dtype), [features, cell.units],
                               axis=0)
@@ -251,8 +255,9 @@ class InterestEvolution(mm.Block):
             shape = tf.TensorShape(states.shape)
             with tf.init_scope():
                 self.augru.build(shape[:-1].concatenate([shape[-1] + 1]))
+        keep = training is True and fused_kernels.keep_augru_activations()
         final = unrolled_augru(states, weights, tf.cast(mask, tf.bool) if self.use_mask else None,
-                               self.augru.cell)
+                               self.augru.cell, keep_activations=keep)
         return (final, weights) if return_weights else final
 
     def get_config(self):

@@ -14,8 +14,11 @@
 // SimMerlinAugru (DIEN's AUGRU, as sim_merlin.blocks.interest.AUGRUCell; gates r, u):
 //   [r, u] = sig(p_g + s W_g);  c = tanh(p_c + (r s) W_c);  u' = (1 - a_t) u
 //   s' = u' s + (1 - u') c;  s_t = m_t s' + (1 - m_t) s_{t-1};  output: the last state.
-// The backward kernels recompute the forward activations of their block (cheap: the products
-// with the state) rather than keeping them between the two passes. Element-wise work runs as
+// The GRU's gradient recomputes the forward activations of its block (its states are an output
+// anyway). The AUGRU's forward op can keep its activations for the gradient (keep_activations:
+// 15 KB per row at u = 96, T = 10), which then skips the forward pass: worth it where products
+// are slow (AVX512-BF16), while on AMX recomputing was cheaper than writing and re-reading
+// them; without them its gradient recomputes them block by block. Element-wise work runs as
 // Eigen array expressions over a whole block (vectorised sigmoid and tanh, as TensorFlow's own).
 
 #include <algorithm>
@@ -409,12 +412,18 @@ REGISTER_OP("SimMerlinAugru")
     .Input("candidate_kernel: float")  // [u, u]: the state's part of the candidate kernel
     .Input("scores: float")          // [B, T] attention scores a_t
     .Input("mask: float")            // [B, T]
+    // true: the activations output holds what the gradient needs (each block's states, reset
+    // and update gates and candidates, (4T + 1) u floats per row), so the gradient op does not
+    // recompute the forward pass; false: it is empty and the gradient recomputes it
+    .Attr("keep_activations: bool = false")
     .Output("final_state: float")    // [B, u]
+    .Output("activations: float")    // [B (4T + 1) u] or [0]
     .SetShapeFn([](InferenceContext* c) {
       ShapeHandle sequence, kernel;
       TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 3, &sequence));
       TF_RETURN_IF_ERROR(c->WithRank(c->input(4), 2, &kernel));
       c->set_output(0, c->MakeShape({c->Dim(sequence, 0), c->Dim(kernel, 0)}));
+      c->set_output(1, c->Vector(c->UnknownDim()));
       return Status();
     });
 
@@ -430,6 +439,7 @@ REGISTER_OP("SimMerlinAugruGrad")
     .Input("scores: float")
     .Input("mask: float")
     .Input("final_state_grad: float")  // [B, u]
+    .Input("activations: float")  // the forward op's: kept activations, or empty (recomputed)
     .Output("sequence_grad: T")
     .Output("kernel_grad: float")
     .Output("input_bias_grad: float")
@@ -441,23 +451,36 @@ REGISTER_OP("SimMerlinAugruGrad")
       return Status();
     });
 
-// The forward recurrence of rows begin..end, keeping what the backward pass needs when asked.
+// The forward recurrence of rows begin..end, keeping what the backward pass needs when asked:
+// in `kept` (KeptSize floats: the forward op's activations output, read back by the gradient op)
+// or in storage of its own.
 struct AugruBlock {
   int64_t n, u, steps;
   bool keep_all;
-  Matrix states;                  // [(T + 1) * n, u] (or two alternating [n, u] buffers)
-  Array reset, update, candidate;  // [T * n, u] each, when kept
+  sim_merlin::FloatBuffer own;  // the storage when none is given
+  float* base;
+  Eigen::Map<Matrix> states;            // [(T + 1) * n, u] (or two alternating [n, u] buffers)
+  Eigen::Map<Array> reset, update, candidate;  // [T * n, u] each, when kept
 
-  AugruBlock(int64_t n_, int64_t u_, int64_t steps_, bool keep)
+  static int64_t KeptSize(int64_t n, int64_t u, int64_t steps) { return (4 * steps + 1) * n * u; }
+
+  AugruBlock(int64_t n_, int64_t u_, int64_t steps_, bool keep, float* kept = nullptr)
       : n(n_), u(u_), steps(steps_), keep_all(keep),
-        states(keep ? (steps_ + 1) * n_ : 2 * n_, u_) {
-    if (keep) {
-      reset.resize(steps * n, u);
-      update.resize(steps * n, u);
-      candidate.resize(steps * n, u);
-    }
-  }
+        base(kept != nullptr ? kept : Own(keep ? KeptSize(n_, u_, steps_) : 2 * n_ * u_)),
+        states(base, keep ? (steps_ + 1) * n_ : 2 * n_, u_),
+        reset(Part(1), keep ? steps_ * n_ : 0, u_),
+        update(Part(2), keep ? steps_ * n_ : 0, u_),
+        candidate(Part(3), keep ? steps_ * n_ : 0, u_) {}
 
+ private:
+  float* Own(int64_t size) {
+    own.resize(size);
+    return own.data();
+  }
+  // the k-th [T * n, u] array after the states (k = 1, 2, 3), when kept
+  float* Part(int k) const { return keep_all ? base + ((steps + 1) + (k - 1) * steps) * n * u : base; }
+
+ public:
   // Runs the recurrence of rows begin.. (inputs: theirs, [n, T, F]; a, m: the whole [B, T]
   // scores and mask); returns a pointer to the final state [n, u].
   const float* Run(const float* inputs, const InputProjection& projection,
@@ -520,7 +543,9 @@ Status CheckAugruInputs(const Tensor& sequence, const Tensor& kernel, const Tens
 template <typename T>
 class AugruOp : public sim_merlin::RowBlockKernel {
  public:
-  using RowBlockKernel::RowBlockKernel;
+  explicit AugruOp(OpKernelConstruction* context) : RowBlockKernel(context) {
+    OP_REQUIRES_OK(context, context->GetAttr("keep_activations", &keep_activations_));
+  }
 
   void Compute(OpKernelContext* context) override {
     const Tensor &sequence = context->input(0), &gate_kernel = context->input(3),
@@ -534,6 +559,12 @@ class AugruOp : public sim_merlin::RowBlockKernel {
     Tensor* final_state = nullptr;
     OP_REQUIRES_OK(context, context->allocate_output(0, TensorShape({rows, u}), &final_state));
     float* out = final_state->flat<float>().data();
+    const int64_t kept_per_row = AugruBlock::KeptSize(1, u, steps);
+    Tensor* activations = nullptr;
+    OP_REQUIRES_OK(context, context->allocate_output(
+                                1, TensorShape({keep_activations_ ? rows * kept_per_row : 0}),
+                                &activations));
+    float* kept = activations->flat<float>().data();
     const Weight Wg({gate_kernel.flat<float>().data(), u, 2 * u, 2 * u, 1}, bf16_);
     const Weight Wc({candidate_kernel.flat<float>().data(), u, u, u, 1}, bf16_);
     const T* sequence_rows = sequence.flat<T>().data();
@@ -545,13 +576,17 @@ class AugruOp : public sim_merlin::RowBlockKernel {
       const float* x = InputRows(sequence_rows + begin * steps * features, n * steps * features,
                                  &buffer);
       Products products(bf16_);
-      AugruBlock block(n, u, steps, false);
+      AugruBlock block(n, u, steps, keep_activations_,
+                       keep_activations_ ? kept + begin * kept_per_row : nullptr);
       const float* last = block.Run(x, projection, Wg, Wc,
                                     scores.flat<float>().data(), mask.flat<float>().data(), begin,
                                     &products);
       std::copy_n(last, (end - begin) * u, out + begin * u);
     });
   }
+
+ private:
+  bool keep_activations_ = false;
 };
 
 template <typename T>
@@ -562,7 +597,8 @@ class AugruGradOp : public sim_merlin::RowBlockKernel {
   void Compute(OpKernelContext* context) override {
     const Tensor &sequence = context->input(0), &gate_kernel = context->input(3),
                  &candidate_kernel = context->input(4), &scores = context->input(5),
-                 &mask = context->input(6), &final_grad = context->input(7);
+                 &mask = context->input(6), &final_grad = context->input(7),
+                 &activations = context->input(8);
     OP_REQUIRES_OK(context, CheckAugruInputs(sequence, context->input(1), context->input(2),
                                              gate_kernel, candidate_kernel, scores, mask));
     const int64_t u = candidate_kernel.dim_size(0);
@@ -571,6 +607,14 @@ class AugruGradOp : public sim_merlin::RowBlockKernel {
     OP_REQUIRES(context, final_grad.dims() == 2 && final_grad.dim_size(0) == rows &&
                              final_grad.dim_size(1) == u,
                 tensorflow::errors::InvalidArgument("final_state_grad must be [batch, u]"));
+    const int64_t kept_per_row = AugruBlock::KeptSize(1, u, steps);
+    const bool recompute = activations.NumElements() == 0;
+    OP_REQUIRES(context, recompute || activations.NumElements() == rows * kept_per_row,
+                tensorflow::errors::InvalidArgument(
+                    "activations must be empty or the forward op's, ", rows * kept_per_row,
+                    " floats; got ", activations.shape().DebugString()));
+    // read only: the block's arrays are views of the forward op's output
+    float* kept = const_cast<float*>(activations.flat<float>().data());
     Tensor *sequence_grad = nullptr, *input_kernel_grad = nullptr, *input_bias_grad = nullptr;
     Tensor *gate_grad = nullptr, *candidate_grad = nullptr, *scores_grad = nullptr;
     OP_REQUIRES_OK(context, context->allocate_output(0, sequence.shape(), &sequence_grad));
@@ -611,8 +655,8 @@ class AugruGradOp : public sim_merlin::RowBlockKernel {
                              &dx_buffer);
       Products products(bf16_);
       Matrix d_projected_rows(n, 3 * u);
-      AugruBlock block(n, u, steps, true);
-      block.Run(x, projection, Wg, Wc, a, m, begin, &products);
+      AugruBlock block(n, u, steps, true, recompute ? nullptr : kept + begin * kept_per_row);
+      if (recompute) block.Run(x, projection, Wg, Wc, a, m, begin, &products);
       Matrix& block_dWg = block_dWgs[begin / kRowsPerBlock];
       Matrix& block_dWc = block_dWcs[begin / kRowsPerBlock];
       Matrix g(n, u), d_gates(n, 2 * u), d_candidate(n, u), d_reset_state(n, u);

@@ -22,6 +22,9 @@ Example::
 """
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import sim_merlin.tf_compat  # noqa: F401
 import tensorflow as tf
 
@@ -55,21 +58,51 @@ def gru(sequence, kernel, input_bias, recurrent_kernel, recurrent_bias, mask):
     return tf.cast(states, dtype)
 
 
-def augru(sequence, kernel, input_bias, gate_kernel, candidate_kernel, scores, mask):
+def amx_products() -> bool:
+    """Whether the kernels' bfloat16 products run on AMX tiles here: the CPU has them and
+    ``SIM_MERLIN_KERNEL_AMX`` is not 0 (the kernels also need the operating system's permission,
+    which Linux gives where the CPU has them)."""
+    if os.environ.get("SIM_MERLIN_KERNEL_AMX") == "0":
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " amx_tile" in flags and " amx_bf16" in flags
+
+
+def keep_augru_activations() -> bool:
+    """Whether a training step's AUGRU keeps its activations for its gradient
+    (``SIM_MERLIN_KEEP_ACTIVATIONS`` 1 or 0, else: where the products are not on AMX). Keeping
+    them writes and reads 15 KB per row (u = 96, T = 10) instead of running the forward pass
+    again in the gradient: faster where products are the slow part (AVX512-BF16: a SIM step
+    spends two fifths of its CPU in them), slower on AMX, where the products are cheap."""
+    wanted = os.environ.get("SIM_MERLIN_KEEP_ACTIVATIONS")
+    if wanted in ("0", "1"):
+        return wanted == "1"
+    return not amx_products()
+
+
+def augru(sequence, kernel, input_bias, gate_kernel, candidate_kernel, scores, mask,
+          keep_activations=False):
     """DIEN's AUGRU (``sim_merlin.blocks.interest.AUGRUCell``) over ``sequence`` [B, T, F] -> the
     last state [B, u].
 
     ``kernel`` [F, 3u] and ``input_bias`` [3u] are the input's parts of the gate and candidate
     layers, ``[W_gates_x | W_candidate_x]`` and ``[b_gates | b_candidate]``; ``gate_kernel``
     [u, 2u] and ``candidate_kernel`` [u, u] their state's parts; ``scores`` [B, T] the attention
-    scores; ``mask`` [B, T].
+    scores; ``mask`` [B, T]. ``keep_activations``: the op keeps what its gradient needs
+    ((4T + 1) u floats per row) so the gradient does not run the forward pass again; for
+    training steps (see :func:`keep_augru_activations`). The same values and gradients either
+    way.
     """
     dtype = sequence.dtype
-    final = _library().sim_merlin_augru(
+    final, _ = _library().sim_merlin_augru(
         model_dtype(sequence),
         *_float32(kernel, tf.reshape(input_bias, [-1]), gate_kernel, candidate_kernel, scores,
                   mask),
-        bf16_products=dtype == tf.bfloat16, threads=_threads())
+        keep_activations=bool(keep_activations), bf16_products=dtype == tf.bfloat16,
+        threads=_threads())
     return tf.cast(final, dtype)
 
 
@@ -82,8 +115,8 @@ def _gru_gradient(op, states_grad):
 
 
 @tf.RegisterGradient("SimMerlinAugru")
-def _augru_gradient(op, final_grad):
-    grads = _library().sim_merlin_augru_grad(*op.inputs, final_grad,
+def _augru_gradient(op, final_grad, _activations_grad):
+    grads = _library().sim_merlin_augru_grad(*op.inputs, final_grad, op.outputs[1],
                                              bf16_products=op.get_attr("bf16_products"),
                                              threads=op.get_attr("threads"))
     return [*grads, None]  # no gradient for the mask

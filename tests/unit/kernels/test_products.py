@@ -33,8 +33,9 @@ kernels, biases = [f(11, 37), f(37, 20), f(20, 1)], [f(37), f(20), f(1)]
 o = dict(bf16_products=True, threads=1)
 results = [lib.sim_merlin_gru(x, W, bx, U, b, mask, **o),
            *lib.sim_merlin_gru_grad(x, W, bx, U, b, mask, states, d_states, **o),
-           lib.sim_merlin_augru(x, W, bx, Wg, Wc, scores, mask, **o),
-           *lib.sim_merlin_augru_grad(x, W, bx, Wg, Wc, scores, mask, d_states[:, 0], **o),
+           lib.sim_merlin_augru(x, W, bx, Wg, Wc, scores, mask, **o)[0],
+           *lib.sim_merlin_augru_grad(x, W, bx, Wg, Wc, scores, mask, d_states[:, 0],
+                                      tf.zeros([0]), **o),
            lib.sim_merlin_sigmoid_mlp(inputs, groups, group_kernel, product_kernel, kernels,
                                       biases, **o)]
 *first_grads, kernel_grads, bias_grads = lib.sim_merlin_sigmoid_mlp_grad(

@@ -117,8 +117,10 @@ def test_bfloat16_rows_are_converted_inside_the_kernels_as_a_cast_would():
                                  **options)),
         (lib.sim_merlin_augru(x, W, bx, Wg, Wc, scores, mask, **options),
          lib.sim_merlin_augru(f32(x), W, bx, Wg, Wc, scores, mask, **options)),
-        (lib.sim_merlin_augru_grad(x, W, bx, Wg, Wc, scores, mask, final_grad, **options),
-         lib.sim_merlin_augru_grad(f32(x), W, bx, Wg, Wc, scores, mask, final_grad, **options)),
+        (lib.sim_merlin_augru_grad(x, W, bx, Wg, Wc, scores, mask, final_grad, tf.zeros([0]),
+                                   **options),
+         lib.sim_merlin_augru_grad(f32(x), W, bx, Wg, Wc, scores, mask, final_grad,
+                                   tf.zeros([0]), **options)),
     ]
     for low_out, full_out in pairs:
         for got, want in zip(tf.nest.flatten(low_out), tf.nest.flatten(full_out)):
@@ -130,6 +132,73 @@ def test_bfloat16_rows_are_converted_inside_the_kernels_as_a_cast_would():
     graph = traced.get_concrete_function(tf.TensorSpec([None, 4, 3], tf.bfloat16)).graph
     (op,) = [op for op in graph.get_operations() if op.type == "SimMerlinGru"]
     assert op.get_attr("T") == tf.bfloat16 and op.inputs[0].op.type != "Cast"
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_kept_augru_activations_give_the_recomputed_gradients_bit_for_bit(bf16):
+    """keep_activations: the forward op hands its activations to the gradient op, which then
+    skips the forward pass. The final state and every gradient are the same bits as when the
+    gradient recomputes them; the kept tensor is each block's states (zeros first), reset and
+    update gates and candidates, (4T + 1) u floats per row, and its states are the loop's."""
+    lib = build.load()
+    rng = np.random.default_rng(11)
+    rows, steps, u, f = 300, 6, 5, 4  # two full blocks of 128 and a partial one
+    sequence, mask, scores = _inputs(rows, steps, f, seed=12)
+    x = tf.cast(sequence, tf.bfloat16 if bf16 else tf.float32)
+    mask = tf.cast(mask, tf.float32)
+    W, Wg, Wc = (tf.constant(rng.normal(size=s).astype(np.float32) * 0.4)
+                 for s in [(f, 3 * u), (u, 2 * u), (u, u)])
+    bx = tf.constant(rng.normal(size=(3 * u,)).astype(np.float32))
+    final_grad = tf.constant(rng.normal(size=(rows, u)).astype(np.float32))
+    options = dict(bf16_products=bf16, threads=1)
+    final, none_kept = lib.sim_merlin_augru(x, W, bx, Wg, Wc, scores, mask, **options)
+    kept_final, kept = lib.sim_merlin_augru(x, W, bx, Wg, Wc, scores, mask,
+                                            keep_activations=True, **options)
+    assert none_kept.shape == (0,) and kept.shape == (rows * (4 * steps + 1) * u,)
+    np.testing.assert_array_equal(kept_final.numpy(), final.numpy())
+    recomputed = lib.sim_merlin_augru_grad(x, W, bx, Wg, Wc, scores, mask, final_grad,
+                                           none_kept, **options)
+    from_kept = lib.sim_merlin_augru_grad(x, W, bx, Wg, Wc, scores, mask, final_grad, kept,
+                                          **options)
+    for name, want, got in zip(["d sequence", "d kernel", "d bias", "d gate kernel",
+                                "d candidate kernel", "d scores"], recomputed, from_kept):
+        np.testing.assert_array_equal(got.numpy(), want.numpy(), err_msg=name)
+    # The layout: block k (rows 128 k..) holds its states [(T + 1) n, u] step-major first; the
+    # state after the last step is the final state.
+    kept = kept.numpy()
+    begin, n = 256, rows - 256  # the partial block
+    block = kept[begin * (4 * steps + 1) * u:]
+    states = block[: (steps + 1) * n * u].reshape(steps + 1, n, u)
+    assert (states[0] == 0).all()
+    np.testing.assert_array_equal(states[steps], final.numpy()[begin:])
+    with pytest.raises(tf.errors.InvalidArgumentError, match="activations must be empty"):
+        lib.sim_merlin_augru_grad(x, W, bx, Wg, Wc, scores, mask, final_grad, kept[:-1],
+                                  **options)
+
+
+def test_training_steps_keep_augru_activations_as_configured(monkeypatch):
+    """The interest-evolution block asks the op to keep its activations in training steps only,
+    where keep_augru_activations() says so (SIM_MERLIN_KEEP_ACTIVATIONS, else: no AMX)."""
+    from sim_merlin.blocks.interest import InterestEvolution
+
+    block = InterestEvolution(4)
+    sequence, mask, _ = _inputs(3, 5, 4, seed=13)
+    query = tf.random.normal([3, 4])
+
+    def kept(training):
+        graph = tf.function(lambda q, s: block(q, s, mask, training=training)) \
+            .get_concrete_function(query, sequence).graph
+        (op,) = [op for op in graph.get_operations() if op.type == "SimMerlinAugru"]
+        return op.get_attr("keep_activations")
+
+    monkeypatch.setenv("SIM_MERLIN_KEEP_ACTIVATIONS", "1")
+    assert recurrent.keep_augru_activations()
+    assert kept(True) and not kept(False)
+    monkeypatch.setenv("SIM_MERLIN_KEEP_ACTIVATIONS", "0")
+    assert not kept(True)
+    monkeypatch.delenv("SIM_MERLIN_KEEP_ACTIVATIONS")
+    monkeypatch.setenv("SIM_MERLIN_KERNEL_AMX", "0")  # products on AVX512-BF16: keep
+    assert recurrent.keep_augru_activations() and not recurrent.amx_products()
 
 
 def test_bad_shapes_are_named():
@@ -184,9 +253,10 @@ for threads in (1, 3):
         options = dict(bf16_products=bf16, threads=threads)
         states = lib.sim_merlin_gru(x, W, bx, U, b, mask, **options)
         grads = lib.sim_merlin_gru_grad(x, W, bx, U, b, mask, states, states, **options)
-        final = lib.sim_merlin_augru(x, W, bx, Wg, Wc, a, mask, **options)
-        agrads = lib.sim_merlin_augru_grad(x, W, bx, Wg, Wc, a, mask, final, **options)
-        out[threads, bf16] = [t.numpy() for t in (states, *grads, final, *agrads)]
+        final, kept = lib.sim_merlin_augru(x, W, bx, Wg, Wc, a, mask, keep_activations=True,
+                                           **options)
+        agrads = lib.sim_merlin_augru_grad(x, W, bx, Wg, Wc, a, mask, final, kept, **options)
+        out[threads, bf16] = [t.numpy() for t in (states, *grads, final, kept, *agrads)]
 for bf16 in (False, True):
     for x, y in zip(out[1, bf16], out[3, bf16]):
         assert np.array_equal(x, y), "results depend on the number of threads"
