@@ -23,6 +23,8 @@ from pathlib import Path
 
 from common import ROOT, print_table, write_json
 
+BATCHES = 12  # batches of random ids cycled through (and steps of warm-up)
+
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -50,7 +52,7 @@ def main(argv=None) -> int:
     m, v = tf.Variable(tf.zeros([rows, width])), tf.Variable(tf.zeros([rows, width]))
     steps = tf.Variable(tf.zeros([rows], tf.int32))
     rng = np.random.default_rng(0)
-    batches = [tf.constant(rng.integers(0, rows, args.ids)) for _ in range(12)]
+    batches = [tf.constant(rng.integers(0, rows, args.ids)) for _ in range(BATCHES)]
     gradient = tf.constant(rng.normal(size=(args.ids, width)).astype(np.float32) * 1e-3)
     hyper = (1e-3, 0.9, 0.999, 1e-7)
     shape = tf.constant([rows, width], tf.int64)
@@ -65,14 +67,14 @@ def main(argv=None) -> int:
                              step)
 
     times = {"catch_up": [], "deferred_update": []}
-    for step in range(1, 13 + args.steps):
+    for step in range(1, BATCHES + 1 + args.steps):
         ids, t = batches[step % len(batches)], tf.constant(step, tf.int64)
         started = time.perf_counter()
         catch_up(ids, t)
         between = time.perf_counter()
         update(ids, t)
         ended = time.perf_counter()
-        if step > 12:
+        if step > BATCHES:  # the first pass over the batches is the warm-up
             times["catch_up"].append(between - started)
             times["deferred_update"].append(ended - between)
     medians = {name: 1000 * statistics.median(values) for name, values in times.items()}

@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "adam_step.h"
 #include "variable_ops.h"
 
 namespace {
@@ -94,15 +95,8 @@ class LazyAdamOp : public OpKernel {
     sim_merlin::ParallelFor(context, count, width * 20, threads_, [&](int64_t first, int64_t last) {
       for (int64_t k = first; k < last; ++k) {
         const int64_t offset = touched[k] * width;
-        const float* __restrict grad = sums.data() + k * width;
-        float* __restrict wr = w + offset;
-        float* __restrict mr = mm + offset;
-        float* __restrict vr = vv + offset;
-        for (int64_t j = 0; j < width; ++j) {
-          mr[j] += (grad[j] - mr[j]) * one_minus_beta1;
-          vr[j] += (grad[j] * grad[j] - vr[j]) * one_minus_beta2;
-          wr[j] -= (mr[j] * alpha) / (std::sqrt(vr[j]) + epsilon);
-        }
+        sim_merlin::ApplyStep(w + offset, mm + offset, vv + offset, sums.data() + k * width,
+                              width, alpha, one_minus_beta1, one_minus_beta2, epsilon);
       }
     });
   }

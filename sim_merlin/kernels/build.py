@@ -30,11 +30,12 @@ HERE = Path(__file__).parent
 SOURCES = (HERE / "recurrent.cc", HERE / "sigmoid_mlp.cc", HERE / "adam.cc",
            HERE / "deferred_adam.cc", HERE / "embedding_rows.cc",
            HERE / "dot_attention.cc", HERE / "top_k_mask.cc", HERE / "prelu.cc")
-# Per-source compiler flags. deferred_adam.cc must round as TensorFlow's ApplyAdam (no FMA; a
-# square root that may set errno is not vectorized).
-SOURCE_FLAGS = {"deferred_adam.cc": ("-ffp-contract=off", "-fno-math-errno")}
+# Per-source compiler flags. The Adam kernels must round as TensorFlow's Adam (no FMA; a square
+# root that may set errno is not vectorized): adam_step.h.
+_ADAM_FLAGS = ("-ffp-contract=off", "-fno-math-errno")
+SOURCE_FLAGS = {"adam.cc": _ADAM_FLAGS, "deferred_adam.cc": _ADAM_FLAGS}
 HEADERS = (HERE / "products.h", HERE / "parallel.h", HERE / "rows.h",
-           HERE / "variable_ops.h")
+           HERE / "variable_ops.h", HERE / "adam_step.h")
 LIBRARY = "sim_merlin_kernels.so"
 DISABLE_VARIABLE = "SIM_MERLIN_FUSED_KERNELS"
 CACHE_VARIABLE = "SIM_MERLIN_KERNEL_CACHE"

@@ -26,6 +26,7 @@
 #include <mutex>
 #include <vector>
 
+#include "adam_step.h"
 #include "variable_ops.h"
 
 namespace {
@@ -124,21 +125,6 @@ inline void ZeroGradientSteps(float* __restrict w, float* __restrict m, float* _
       decaying |= (v[j] != 0.0f);
     }
     if (!decaying) break;
-  }
-}
-
-// One Adam step of a row of `width` floats with gradient g. A function of its own, with the
-// scalars as values: in the update's loop they were references captured by a lambda, which the
-// compiler had to reload after every store (they might alias the rows), so the loop ran one
-// element at a time (a square root and a division each) instead of 16 to a register. The same
-// float operations on each element either way (no FMA: -ffp-contract=off).
-inline void ApplyStep(float* __restrict w, float* __restrict m, float* __restrict v,
-                      const float* __restrict g, int64_t width, float alpha,
-                      float one_minus_beta1, float one_minus_beta2, float epsilon) {
-  for (int64_t j = 0; j < width; ++j) {
-    m[j] += (g[j] - m[j]) * one_minus_beta1;
-    v[j] += (g[j] * g[j] - v[j]) * one_minus_beta2;
-    w[j] -= (m[j] * alpha) / (std::sqrt(v[j]) + epsilon);
   }
 }
 
@@ -432,7 +418,7 @@ class DeferredAdamOp : public AdamKernel {
         const int64_t offset = row * width;
         ZeroGradientSteps(w + offset, mm + offset, vv + offset, width, steps[row] + 1, step - 1,
                           alphas, c1, c2, epsilon);
-        ApplyStep(w + offset, mm + offset, vv + offset, sums.data() + k * width, width, alpha,
+        sim_merlin::ApplyStep(w + offset, mm + offset, vv + offset, sums.data() + k * width, width, alpha,
                   c1, c2, epsilon);
         steps[row] = static_cast<int32_t>(step);
       }

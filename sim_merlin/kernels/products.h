@@ -498,8 +498,8 @@ inline void Transpose16x16Words(const uint32_t* source, int64_t source_step, uin
 // target[i * pairs + p] = words[p * columns + i] for i < RoundUp(rows, 16) (whole blocks of 16:
 // `columns` is at least that, its padding zero), p < pairs: a packed B's pair
 // words turned into an AMX A's rows. With AVX-512 in 16 x 16 blocks transposed in registers (a
-// strided scalar loop had cost a quarter of the gradient kernels' time, and a gather per 16 words
-// still twice these shuffles).
+// strided scalar loop had cost a quarter of the gradient kernels' time; a gather of 16 words at a
+// time took 4x as long as these shuffles in a standalone test, 128 rows x 100 columns).
 inline void TransposeWords(const uint32_t* words, int64_t columns, int64_t pairs, int64_t rows,
                            uint32_t* target) {
   const int64_t blocks_of_rows = RoundUp(rows, 16);
