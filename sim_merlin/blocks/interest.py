@@ -113,19 +113,22 @@ def _step_mask(mask, sequence):
     return tf.cast(mask, tf.float32)
 
 
-def unrolled_gru(sequence, mask, kernel, recurrent_kernel, bias, fused=None):
+def unrolled_gru(sequence, mask, kernel, recurrent_kernel, bias, fused=None,
+                 keep_activations=False):
     """Keras ``GRU(return_sequences=True, reset_after=True)`` over [B, T, F] -> [B, T, units].
 
     ``kernel`` [F, 3u], ``recurrent_kernel`` [u, 3u], ``bias`` [2, 3u] in Keras's layout (gates
     z, r, h); ``mask`` [B, T] bool or None: a masked step keeps the previous state (and output).
     ``fused``: run the recurrence as one C++ op (``sim_merlin.kernels``; ``None``: when
-    available) or as TensorFlow ops unrolled over the steps (``False``).
+    available) or as TensorFlow ops unrolled over the steps (``False``). ``keep_activations``:
+    the fused op keeps its gates for its gradient instead of the gradient recomputing them (for
+    training steps; the same values).
     """
     dtype = sequence.dtype
     if _use_fused(fused):
         input_bias, recurrent_bias = tf.unstack(bias)
         return fused_kernels.gru(sequence, kernel, input_bias, recurrent_kernel, recurrent_bias,
-                                 _step_mask(mask, sequence))
+                                 _step_mask(mask, sequence), keep_activations=keep_activations)
     kernel, recurrent_kernel, bias = (tf.cast(w, dtype) for w in (kernel, recurrent_kernel, bias))
     input_bias, recurrent_bias = tf.unstack(bias)
     projected = tf.unstack(_dense_apply(sequence, kernel, input_bias), axis=1)
@@ -208,8 +211,9 @@ class InterestExtractor(mm.Block):
             with tf.init_scope():  # variables are created outside any tf.function
                 self.gru.build(tf.TensorShape(sequence.shape))
         cell = self.gru.cell
+        keep = training is True and fused_kernels.training_keeps_activations()
         return unrolled_gru(sequence, tf.cast(mask, tf.bool) if self.use_mask else None,
-                            cell.kernel, cell.recurrent_kernel, cell.bias)
+                            cell.kernel, cell.recurrent_kernel, cell.bias, keep_activations=keep)
 
     def get_config(self):
         config = super().get_config()
@@ -255,7 +259,7 @@ class InterestEvolution(mm.Block):
             shape = tf.TensorShape(states.shape)
             with tf.init_scope():
                 self.augru.build(shape[:-1].concatenate([shape[-1] + 1]))
-        keep = training is True and fused_kernels.keep_augru_activations()
+        keep = training is True and fused_kernels.training_keeps_activations()
         final = unrolled_augru(states, weights, tf.cast(mask, tf.bool) if self.use_mask else None,
                                self.augru.cell, keep_activations=keep)
         return (final, weights) if return_weights else final

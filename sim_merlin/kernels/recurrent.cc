@@ -14,11 +14,11 @@
 // SimMerlinAugru (DIEN's AUGRU, as sim_merlin.blocks.interest.AUGRUCell; gates r, u):
 //   [r, u] = sig(p_g + s W_g);  c = tanh(p_c + (r s) W_c);  u' = (1 - a_t) u
 //   s' = u' s + (1 - u') c;  s_t = m_t s' + (1 - m_t) s_{t-1};  output: the last state.
-// The GRU's gradient recomputes the forward activations of its block (its states are an output
-// anyway). The AUGRU's forward op can keep its activations for the gradient (keep_activations:
-// 15 KB per row at u = 96, T = 10), which then skips the forward pass: worth it where products
-// are slow (AVX512-BF16), while on AMX recomputing was cheaper than writing and re-reading
-// them; without them its gradient recomputes them block by block. Element-wise work runs as
+// The forward ops can keep their activations for the gradient (keep_activations: the AUGRU's
+// 15 KB per row at u = 96, T = 10, the GRU's gates and candidates, as much), which then skips
+// the forward products: worth it where products are slow (AVX512-BF16), while on AMX
+// recomputing was cheaper than writing and re-reading them; without them the gradient ops
+// recompute them block by block. Element-wise work runs as
 // Eigen array expressions over a whole block (vectorised sigmoid and tanh, as TensorFlow's own).
 
 #include <algorithm>
@@ -178,6 +178,11 @@ void SumBlocks(const std::vector<Part>& parts, Tensor* target) {
 // ------------------------------------------------------------------------------------------------
 // GRU
 
+// A block's kept activations of one step (keep_activations): [n, 4u], z | r | c | (h U)_h, at
+// (begin T + t n) 4u in the forward op's activations output.
+using GruKept = Eigen::Map<Array>;
+using ConstGruKept = Eigen::Map<const Array>;
+
 Status CheckGruWeights(const Tensor& recurrent_kernel, const Tensor& recurrent_bias) {
   if (recurrent_kernel.dims() != 2 ||
       recurrent_kernel.dim_size(1) != 3 * recurrent_kernel.dim_size(0)) {
@@ -201,13 +206,19 @@ REGISTER_OP("SimMerlinGru")
     .Input("recurrent_kernel: float")  // [u, 3u]
     .Input("recurrent_bias: float")    // [3u]
     .Input("mask: float")              // [B, T], 1 = step taken
+    // true: the activations output holds each step's gates z, r, candidate and h U's candidate
+    // part (4u floats per row and step), so the gradient op does not recompute them; false: it
+    // is empty and the gradient recomputes them
+    .Attr("keep_activations: bool = false")
     .Output("states: T")               // [B, T, u]
+    .Output("activations: float")      // [B T 4u] or [0]
     .SetShapeFn([](InferenceContext* c) {
       ShapeHandle sequence, kernel;
       TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 3, &sequence));
       TF_RETURN_IF_ERROR(c->WithRank(c->input(3), 2, &kernel));
       c->set_output(0, c->MakeShape({c->Dim(sequence, 0), c->Dim(sequence, 1),
                                      c->Dim(kernel, 0)}));
+      c->set_output(1, c->Vector(c->UnknownDim()));
       return Status();
     });
 
@@ -223,6 +234,7 @@ REGISTER_OP("SimMerlinGruGrad")
     .Input("mask: float")
     .Input("states: T")       // the forward output
     .Input("states_grad: T")  // [B, T, u]
+    .Input("activations: float")  // the forward op's: kept activations, or empty (recomputed)
     .Output("sequence_grad: T")
     .Output("kernel_grad: float")
     .Output("input_bias_grad: float")
@@ -236,7 +248,9 @@ REGISTER_OP("SimMerlinGruGrad")
 template <typename T>
 class GruOp : public sim_merlin::RowBlockKernel {
  public:
-  using RowBlockKernel::RowBlockKernel;
+  explicit GruOp(OpKernelConstruction* context) : RowBlockKernel(context) {
+    OP_REQUIRES_OK(context, context->GetAttr("keep_activations", &keep_activations_));
+  }
 
   void Compute(OpKernelContext* context) override {
     const Tensor& sequence = context->input(0);
@@ -251,6 +265,11 @@ class GruOp : public sim_merlin::RowBlockKernel {
     const int64_t features = sequence.dim_size(2);
     Tensor* states = nullptr;
     OP_REQUIRES_OK(context, context->allocate_output(0, TensorShape({rows, steps, u}), &states));
+    Tensor* activations = nullptr;
+    OP_REQUIRES_OK(context, context->allocate_output(
+                                1, TensorShape({keep_activations_ ? rows * steps * 4 * u : 0}),
+                                &activations));
+    float* kept = activations->flat<float>().data();
     const T* sequence_rows = sequence.flat<T>().data();
     const float* m = mask.flat<float>().data();
     T* states_rows = states->flat<T>().data();
@@ -281,10 +300,19 @@ class GruOp : public sim_merlin::RowBlockKernel {
         const auto z = zr.leftCols(u);
         h.array() += ((z * h.array() + (1.0f - z) * c) - h.array()).colwise() * keep;
         StepOf(out, steps, u, 0, n, t) = h;
+        if (keep_activations_) {
+          GruKept step_kept(kept + (begin * steps + t * n) * 4 * u, n, 4 * u);
+          step_kept.leftCols(2 * u) = zr;
+          step_kept.middleCols(2 * u, u) = c;
+          step_kept.rightCols(u) = inner.rightCols(u).array();
+        }
       }
       StoreRows(out, n * steps * u, states_rows + begin * steps * u);
     });
   }
+
+ private:
+  bool keep_activations_ = false;
 };
 
 template <typename T>
@@ -299,6 +327,7 @@ class GruGradOp : public sim_merlin::RowBlockKernel {
     const Tensor& mask = context->input(5);
     const Tensor& states = context->input(6);
     const Tensor& states_grad = context->input(7);
+    const Tensor& activations = context->input(8);
     OP_REQUIRES_OK(context, CheckGruWeights(kernel, bias));
     const int64_t u = kernel.dim_size(0);
     OP_REQUIRES_OK(context, CheckRecurrentInputs(sequence, context->input(1), context->input(2),
@@ -309,6 +338,12 @@ class GruGradOp : public sim_merlin::RowBlockKernel {
                              states.dim_size(0) == rows && states.dim_size(1) == steps &&
                              states.dim_size(2) == u,
                 tensorflow::errors::InvalidArgument("states and their gradient must be [B, T, u]"));
+    const bool recompute = activations.NumElements() == 0;
+    OP_REQUIRES(context, recompute || activations.NumElements() == rows * steps * 4 * u,
+                tensorflow::errors::InvalidArgument(
+                    "activations must be empty or the forward op's, ", rows * steps * 4 * u,
+                    " floats; got ", activations.shape().DebugString()));
+    const float* kept = activations.flat<float>().data();
     Tensor *sequence_grad = nullptr, *input_kernel_grad = nullptr, *input_bias_grad = nullptr;
     Tensor *kernel_grad = nullptr, *bias_grad = nullptr;
     OP_REQUIRES_OK(context, context->allocate_output(0, sequence.shape(), &sequence_grad));
@@ -356,23 +391,30 @@ class GruGradOp : public sim_merlin::RowBlockKernel {
       Matrix inner(n, 3 * u), d_inner(n, 3 * u);
       const Matrix zeros = Matrix::Zero(n, u);
       Matrix g = Matrix::Zero(n, u);  // gradient reaching the state after step t
-      Array zr(n, 2 * u), c(n, u), total(n, u), through(n, u), dc(n, u);
+      Array zr(n, 2 * u), c(n, u), hh(n, u), total(n, u), through(n, u), dc(n, u);
       Column keep(n);
       for (int64_t t = steps - 1; t >= 0; --t) {
         const View previous_view = t == 0 ? View::Of(zeros) : StepView(hs, steps, u, 0, n, t - 1);
         const ConstStepRows previous(previous_view.data, n, u,
                                      Eigen::OuterStride<>(previous_view.row_stride));
-        projection.Forward(x, n, steps, t, &products, &projected);
-        products.Multiply(previous_view, U, inner.data(), 3 * u, false);
-        inner.rowwise() += b;
-        const Matrix& xp = projected;  // this step's projected inputs
+        if (recompute) {
+          projection.Forward(x, n, steps, t, &products, &projected);
+          products.Multiply(previous_view, U, inner.data(), 3 * u, false);
+          inner.rowwise() += b;
+          const Matrix& xp = projected;  // this step's projected inputs
+          zr = Sigmoid(xp.leftCols(2 * u).array() + inner.leftCols(2 * u).array());
+          hh = inner.rightCols(u).array();
+          c = (xp.rightCols(u).array() + zr.rightCols(u) * hh).tanh();
+        } else {  // the forward op's values of this step
+          const ConstGruKept step_kept(kept + (begin * steps + t * n) * 4 * u, n, 4 * u);
+          zr = step_kept.leftCols(2 * u);
+          c = step_kept.middleCols(2 * u, u);
+          hh = step_kept.rightCols(u);
+        }
         const auto dh = StepOf(dhs, steps, u, 0, n, t);
         GatherColumn(m, steps, begin, n, t, keep.data());
-        zr = Sigmoid(xp.leftCols(2 * u).array() + inner.leftCols(2 * u).array());
         const auto z = zr.leftCols(u);
         const auto r = zr.rightCols(u);
-        const auto hh = inner.rightCols(u).array();
-        c = (xp.rightCols(u).array() + r * hh).tanh();
         total = g.array() + dh.array();
         through = total.colwise() * keep;  // through the new state
         dc = through * (1.0f - z) * (1.0f - c * c);

@@ -41,20 +41,25 @@ def model_dtype(tensor):
     return tensor if tensor.dtype in (tf.float32, tf.bfloat16) else tf.cast(tensor, tf.float32)
 
 
-def gru(sequence, kernel, input_bias, recurrent_kernel, recurrent_bias, mask):
+def gru(sequence, kernel, input_bias, recurrent_kernel, recurrent_bias, mask,
+        keep_activations=False):
     """Keras's GRU (``reset_after=True``, gates z, r, h) over ``sequence`` [B, T, F] -> states
     [B, T, u].
 
     ``kernel`` [F, 3u], ``input_bias`` [3u], ``recurrent_kernel`` [u, 3u], ``recurrent_bias``
     [3u] (Keras's ``bias`` is ``[input_bias, recurrent_bias]``); ``mask`` [B, T] (1 = the step
-    is taken, 0 = the state is carried over).
+    is taken, 0 = the state is carried over). ``keep_activations``: the op keeps its gates and
+    candidates (4u floats per row and step) so the gradient does not recompute them; for
+    training steps (see :func:`training_keeps_activations`). The same values and gradients
+    either way.
     """
     dtype = sequence.dtype
-    states = _library().sim_merlin_gru(
+    states, _ = _library().sim_merlin_gru(
         model_dtype(sequence),
         *_float32(kernel, tf.reshape(input_bias, [-1]), recurrent_kernel,
                   tf.reshape(recurrent_bias, [-1]), mask),
-        bf16_products=dtype == tf.bfloat16, threads=_threads())
+        keep_activations=bool(keep_activations), bf16_products=dtype == tf.bfloat16,
+        threads=_threads())
     return tf.cast(states, dtype)
 
 
@@ -71,12 +76,13 @@ def amx_products() -> bool:
     return " amx_tile" in flags and " amx_bf16" in flags
 
 
-def keep_augru_activations() -> bool:
-    """Whether a training step's AUGRU keeps its activations for its gradient
+def training_keeps_activations() -> bool:
+    """Whether a training step's GRU and AUGRU keep their activations for their gradients
     (``SIM_MERLIN_KEEP_ACTIVATIONS`` 1 or 0, else: where the products are not on AMX). Keeping
-    them writes and reads 15 KB per row (u = 96, T = 10) instead of running the forward pass
-    again in the gradient: faster where products are the slow part (AVX512-BF16: a SIM step
-    spends two fifths of its CPU in them), slower on AMX, where the products are cheap."""
+    them writes and reads some 15 KB per row each (u = 96, T = 10) instead of running the
+    forward products again in the gradient: faster where products are the slow part
+    (AVX512-BF16: a SIM step spends two fifths of its CPU in them), slower on AMX, where the
+    products are cheap."""
     wanted = os.environ.get("SIM_MERLIN_KEEP_ACTIVATIONS")
     if wanted in ("0", "1"):
         return wanted == "1"
@@ -93,7 +99,7 @@ def augru(sequence, kernel, input_bias, gate_kernel, candidate_kernel, scores, m
     [u, 2u] and ``candidate_kernel`` [u, u] their state's parts; ``scores`` [B, T] the attention
     scores; ``mask`` [B, T]. ``keep_activations``: the op keeps what its gradient needs
     ((4T + 1) u floats per row) so the gradient does not run the forward pass again; for
-    training steps (see :func:`keep_augru_activations`). The same values and gradients either
+    training steps (see :func:`training_keeps_activations`). The same values and gradients either
     way.
     """
     dtype = sequence.dtype
@@ -107,8 +113,8 @@ def augru(sequence, kernel, input_bias, gate_kernel, candidate_kernel, scores, m
 
 
 @tf.RegisterGradient("SimMerlinGru")
-def _gru_gradient(op, states_grad):
-    grads = _library().sim_merlin_gru_grad(*op.inputs, op.outputs[0], states_grad,
+def _gru_gradient(op, states_grad, _activations_grad):
+    grads = _library().sim_merlin_gru_grad(*op.inputs, op.outputs[0], states_grad, op.outputs[1],
                                            bf16_products=op.get_attr("bf16_products"),
                                            threads=op.get_attr("threads"))
     return [*grads, None]  # no gradient for the mask

@@ -112,9 +112,10 @@ def test_bfloat16_rows_are_converted_inside_the_kernels_as_a_cast_would():
     pairs = [
         (lib.sim_merlin_gru(x, W, bx, U, b, mask, **options),
          lib.sim_merlin_gru(f32(x), W, bx, U, b, mask, **options)),
-        (lib.sim_merlin_gru_grad(x, W, bx, U, b, mask, states, states_grad, **options),
+        (lib.sim_merlin_gru_grad(x, W, bx, U, b, mask, states, states_grad, tf.zeros([0]),
+                                 **options),
          lib.sim_merlin_gru_grad(f32(x), W, bx, U, b, mask, f32(states), f32(states_grad),
-                                 **options)),
+                                 tf.zeros([0]), **options)),
         (lib.sim_merlin_augru(x, W, bx, Wg, Wc, scores, mask, **options),
          lib.sim_merlin_augru(f32(x), W, bx, Wg, Wc, scores, mask, **options)),
         (lib.sim_merlin_augru_grad(x, W, bx, Wg, Wc, scores, mask, final_grad, tf.zeros([0]),
@@ -126,7 +127,7 @@ def test_bfloat16_rows_are_converted_inside_the_kernels_as_a_cast_would():
         for got, want in zip(tf.nest.flatten(low_out), tf.nest.flatten(full_out)):
             want = tf.cast(want, got.dtype)  # bfloat16 where the op's T is
             np.testing.assert_array_equal(_bits(got), _bits(want))
-    assert pairs[0][0].dtype == tf.bfloat16 and pairs[1][0][0].dtype == tf.bfloat16
+    assert pairs[0][0][0].dtype == tf.bfloat16 and pairs[1][0][0].dtype == tf.bfloat16
     traced = tf.function(lambda x: unrolled_gru(x, None, tf.zeros([3, 18]), U, tf.zeros([2, 18]),
                                                 fused=True))
     graph = traced.get_concrete_function(tf.TensorSpec([None, 4, 3], tf.bfloat16)).graph
@@ -176,29 +177,72 @@ def test_kept_augru_activations_give_the_recomputed_gradients_bit_for_bit(bf16):
                                   **options)
 
 
-def test_training_steps_keep_augru_activations_as_configured(monkeypatch):
-    """The interest-evolution block asks the op to keep its activations in training steps only,
-    where keep_augru_activations() says so (SIM_MERLIN_KEEP_ACTIVATIONS, else: no AMX)."""
-    from sim_merlin.blocks.interest import InterestEvolution
+@pytest.mark.parametrize("bf16", [False, True])
+def test_kept_gru_activations_give_the_recomputed_gradients_bit_for_bit(bf16):
+    """The GRU's keep_activations: its gates and candidates (4u floats per row and step) go to
+    the gradient op, which then skips the forward products; the same bits as recomputing."""
+    lib = build.load()
+    rng = np.random.default_rng(14)
+    rows, steps, u, f = 300, 6, 5, 4
+    sequence, mask, _ = _inputs(rows, steps, f, seed=15)
+    x = tf.cast(sequence, tf.bfloat16 if bf16 else tf.float32)
+    mask = tf.cast(mask, tf.float32)
+    W, U = (tf.constant(rng.normal(size=s).astype(np.float32) * 0.4)
+            for s in [(f, 3 * u), (u, 3 * u)])
+    bx, b = (tf.constant(rng.normal(size=(3 * u,)).astype(np.float32)) for _ in range(2))
+    states_grad = tf.cast(tf.constant(rng.normal(size=(rows, steps, u)).astype(np.float32)),
+                          x.dtype)
+    options = dict(bf16_products=bf16, threads=1)
+    states, none_kept = lib.sim_merlin_gru(x, W, bx, U, b, mask, **options)
+    kept_states, kept = lib.sim_merlin_gru(x, W, bx, U, b, mask, keep_activations=True,
+                                           **options)
+    assert none_kept.shape == (0,) and kept.shape == (rows * steps * 4 * u,)
+    np.testing.assert_array_equal(_bits(kept_states), _bits(states))
+    recomputed = lib.sim_merlin_gru_grad(x, W, bx, U, b, mask, states, states_grad, none_kept,
+                                         **options)
+    from_kept = lib.sim_merlin_gru_grad(x, W, bx, U, b, mask, states, states_grad, kept,
+                                        **options)
+    for name, want, got in zip(["d sequence", "d kernel", "d input bias", "d recurrent kernel",
+                                "d recurrent bias"], recomputed, from_kept):
+        np.testing.assert_array_equal(_bits(got), _bits(want), err_msg=name)
+    # step 0 of the first block: z, r are sigmoids of x_0 W + b_x + b (the state is zero)
+    first = kept.numpy()[: 128 * 4 * u].reshape(128, 4 * u)
+    x0 = tf.cast(x, tf.float32).numpy()[:128, 0]
+    z_r = 1 / (1 + np.exp(-(x0 @ W.numpy() + bx.numpy() + b.numpy())[:, : 2 * u]))
+    np.testing.assert_allclose(first[:, : 2 * u], z_r, rtol=2e-2 if bf16 else 1e-5, atol=1e-2
+                               if bf16 else 1e-6)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="activations must be empty"):
+        lib.sim_merlin_gru_grad(x, W, bx, U, b, mask, states, states_grad, kept[1:], **options)
 
-    block = InterestEvolution(4)
+
+def test_training_steps_keep_recurrent_activations_as_configured(monkeypatch):
+    """The interest blocks ask the GRU and AUGRU ops to keep their activations in training steps
+    only, where training_keeps_activations() says so (SIM_MERLIN_KEEP_ACTIVATIONS, else: no
+    AMX)."""
+    from sim_merlin.blocks.interest import InterestEvolution, InterestExtractor
+
+    evolution, extractor = InterestEvolution(4), InterestExtractor(4)
     sequence, mask, _ = _inputs(3, 5, 4, seed=13)
     query = tf.random.normal([3, 4])
 
     def kept(training):
-        graph = tf.function(lambda q, s: block(q, s, mask, training=training)) \
-            .get_concrete_function(query, sequence).graph
-        (op,) = [op for op in graph.get_operations() if op.type == "SimMerlinAugru"]
-        return op.get_attr("keep_activations")
+        def step(q, s):
+            return evolution(q, extractor(s, mask, training=training), mask, training=training)
+
+        graph = tf.function(step).get_concrete_function(query, sequence).graph
+        ops = [op for op in graph.get_operations() if op.type in ("SimMerlinGru",
+                                                                   "SimMerlinAugru")]
+        assert sorted(op.type for op in ops) == ["SimMerlinAugru", "SimMerlinGru"]
+        return [op.get_attr("keep_activations") for op in ops]
 
     monkeypatch.setenv("SIM_MERLIN_KEEP_ACTIVATIONS", "1")
-    assert recurrent.keep_augru_activations()
-    assert kept(True) and not kept(False)
+    assert recurrent.training_keeps_activations()
+    assert kept(True) == [True, True] and kept(False) == [False, False]
     monkeypatch.setenv("SIM_MERLIN_KEEP_ACTIVATIONS", "0")
-    assert not kept(True)
+    assert kept(True) == [False, False]
     monkeypatch.delenv("SIM_MERLIN_KEEP_ACTIVATIONS")
     monkeypatch.setenv("SIM_MERLIN_KERNEL_AMX", "0")  # products on AVX512-BF16: keep
-    assert recurrent.keep_augru_activations() and not recurrent.amx_products()
+    assert recurrent.training_keeps_activations() and not recurrent.amx_products()
 
 
 def test_bad_shapes_are_named():
@@ -251,12 +295,13 @@ out = {}
 for threads in (1, 3):
     for bf16 in (False, True):
         options = dict(bf16_products=bf16, threads=threads)
-        states = lib.sim_merlin_gru(x, W, bx, U, b, mask, **options)
-        grads = lib.sim_merlin_gru_grad(x, W, bx, U, b, mask, states, states, **options)
+        states, gru_kept = lib.sim_merlin_gru(x, W, bx, U, b, mask, keep_activations=True,
+                                              **options)
+        grads = lib.sim_merlin_gru_grad(x, W, bx, U, b, mask, states, states, gru_kept, **options)
         final, kept = lib.sim_merlin_augru(x, W, bx, Wg, Wc, a, mask, keep_activations=True,
                                            **options)
         agrads = lib.sim_merlin_augru_grad(x, W, bx, Wg, Wc, a, mask, final, kept, **options)
-        out[threads, bf16] = [t.numpy() for t in (states, *grads, final, kept, *agrads)]
+        out[threads, bf16] = [t.numpy() for t in (states, gru_kept, *grads, final, kept, *agrads)]
 for bf16 in (False, True):
     for x, y in zip(out[1, bf16], out[3, bf16]):
         assert np.array_equal(x, y), "results depend on the number of threads"
