@@ -229,12 +229,21 @@ template <int V>
 inline void RowsOfPanel(const PackedA& a, const uint16_t* b, int64_t padded_cols, float* c,
                         int64_t ldc, const __mmask16* masks, bool accumulate) {
   int64_t i = 0;
-  for (; i + 6 <= a.rows; i += 6)
-    MicroKernel<6, V>(a.words + i * a.row_step, a.pairs, a.row_step, a.pair_step, b, padded_cols,
-                      c + i * ldc, ldc, masks, accumulate);
-  for (; i < a.rows; ++i)
-    MicroKernel<1, V>(a.words + i * a.row_step, a.pairs, a.row_step, a.pair_step, b, padded_cols,
-                      c + i * ldc, ldc, masks, accumulate);
+  auto rows = [&](auto kernel) {
+    kernel(a.words + i * a.row_step, a.pairs, a.row_step, a.pair_step, b, padded_cols, c + i * ldc,
+           ldc, masks, accumulate);
+  };
+  for (; i + 6 <= a.rows; i += 6) rows(MicroKernel<6, V>);
+  // The last rows together: one row alone keeps only V sums in flight, fewer than the
+  // dot-product latency covers.
+  switch (a.rows - i) {
+    case 5: rows(MicroKernel<5, V>); break;
+    case 4: rows(MicroKernel<4, V>); break;
+    case 3: rows(MicroKernel<3, V>); break;
+    case 2: rows(MicroKernel<2, V>); break;
+    case 1: rows(MicroKernel<1, V>); break;
+    default: break;
+  }
 }
 #endif
 
