@@ -164,6 +164,16 @@ struct InputProjection {
   }
 };
 
+// A gradient op's activations input: empty (the gradient recomputes the forward pass) or the
+// forward op's kept activations, `size` floats.
+Status CheckKeptActivations(const Tensor& activations, int64_t size, bool* recompute) {
+  *recompute = activations.NumElements() == 0;
+  if (*recompute || activations.NumElements() == size) return Status();
+  return tensorflow::errors::InvalidArgument("activations must be empty or the forward op's, ",
+                                             size, " floats; got ",
+                                             activations.shape().DebugString());
+}
+
 // Per-block weight gradients summed in block order into `target` (deterministic).
 template <typename Part>
 void SumBlocks(const std::vector<Part>& parts, Tensor* target) {
@@ -338,11 +348,8 @@ class GruGradOp : public sim_merlin::RowBlockKernel {
                              states.dim_size(0) == rows && states.dim_size(1) == steps &&
                              states.dim_size(2) == u,
                 tensorflow::errors::InvalidArgument("states and their gradient must be [B, T, u]"));
-    const bool recompute = activations.NumElements() == 0;
-    OP_REQUIRES(context, recompute || activations.NumElements() == rows * steps * 4 * u,
-                tensorflow::errors::InvalidArgument(
-                    "activations must be empty or the forward op's, ", rows * steps * 4 * u,
-                    " floats; got ", activations.shape().DebugString()));
+    bool recompute = true;
+    OP_REQUIRES_OK(context, CheckKeptActivations(activations, rows * steps * 4 * u, &recompute));
     const float* kept = activations.flat<float>().data();
     Tensor *sequence_grad = nullptr, *input_kernel_grad = nullptr, *input_bias_grad = nullptr;
     Tensor *kernel_grad = nullptr, *bias_grad = nullptr;
@@ -520,7 +527,9 @@ struct AugruBlock {
     return own.data();
   }
   // the k-th [T * n, u] array after the states (k = 1, 2, 3), when kept
-  float* Part(int k) const { return keep_all ? base + ((steps + 1) + (k - 1) * steps) * n * u : base; }
+  float* Part(int k) const {
+    return keep_all ? base + ((steps + 1) + (k - 1) * steps) * n * u : base;
+  }
 
  public:
   // Runs the recurrence of rows begin.. (inputs: theirs, [n, T, F]; a, m: the whole [B, T]
@@ -650,11 +659,8 @@ class AugruGradOp : public sim_merlin::RowBlockKernel {
                              final_grad.dim_size(1) == u,
                 tensorflow::errors::InvalidArgument("final_state_grad must be [batch, u]"));
     const int64_t kept_per_row = AugruBlock::KeptSize(1, u, steps);
-    const bool recompute = activations.NumElements() == 0;
-    OP_REQUIRES(context, recompute || activations.NumElements() == rows * kept_per_row,
-                tensorflow::errors::InvalidArgument(
-                    "activations must be empty or the forward op's, ", rows * kept_per_row,
-                    " floats; got ", activations.shape().DebugString()));
+    bool recompute = true;
+    OP_REQUIRES_OK(context, CheckKeptActivations(activations, rows * kept_per_row, &recompute));
     // read only: the block's arrays are views of the forward op's output
     float* kept = const_cast<float*>(activations.flat<float>().data());
     Tensor *sequence_grad = nullptr, *input_kernel_grad = nullptr, *input_bias_grad = nullptr;
