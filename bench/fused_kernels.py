@@ -29,9 +29,9 @@ VARIANTS = {"fused": {"SIM_MERLIN_FUSED_KERNELS": "1"},
 
 
 def variants() -> dict:
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    has_amx = " amx_bf16" in flags and " amx_tile" in flags
-    return {name: env for name, env in VARIANTS.items() if has_amx or "AMX" not in name}
+    from sim_merlin.kernels.build import cpu_has_amx
+
+    return {name: env for name, env in VARIANTS.items() if cpu_has_amx() or "AMX" not in name}
 
 
 def main(argv=None) -> int:

@@ -64,6 +64,12 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
+def cpu_has_amx() -> bool:
+    """Whether the CPU has AMX tiles with bfloat16 products (``amx_tile`` and ``amx_bf16``)."""
+    flags = _cpu_flags().split()
+    return "amx_tile" in flags and "amx_bf16" in flags
+
+
 @functools.lru_cache(maxsize=None)
 def _arch_flags(cxx: str) -> tuple[str, ...]:
     """``-march=native``, without AVX512-FP16 where the compiler would enable it: the Eigen that

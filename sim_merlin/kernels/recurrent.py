@@ -23,12 +23,11 @@ Example::
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import sim_merlin.tf_compat  # noqa: F401
 import tensorflow as tf
 
-from sim_merlin.kernels.build import load as _library, threads as _threads
+from sim_merlin.kernels.build import cpu_has_amx, load as _library, threads as _threads
 
 
 def _float32(*tensors):
@@ -67,13 +66,7 @@ def amx_products() -> bool:
     """Whether the kernels' bfloat16 products run on AMX tiles here: the CPU has them and
     ``SIM_MERLIN_KERNEL_AMX`` is not 0 (the kernels also need the operating system's permission,
     which Linux gives where the CPU has them)."""
-    if os.environ.get("SIM_MERLIN_KERNEL_AMX") == "0":
-        return False
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " amx_tile" in flags and " amx_bf16" in flags
+    return os.environ.get("SIM_MERLIN_KERNEL_AMX") != "0" and cpu_has_amx()
 
 
 def training_keeps_activations() -> bool:
