@@ -418,8 +418,8 @@ class DeferredAdamOp : public AdamKernel {
         const int64_t offset = row * width;
         ZeroGradientSteps(w + offset, mm + offset, vv + offset, width, steps[row] + 1, step - 1,
                           alphas, c1, c2, epsilon);
-        sim_merlin::ApplyStep(w + offset, mm + offset, vv + offset, sums.data() + k * width, width, alpha,
-                  c1, c2, epsilon);
+        sim_merlin::ApplyStep(w + offset, mm + offset, vv + offset, sums.data() + k * width,
+                              width, alpha, c1, c2, epsilon);
         steps[row] = static_cast<int32_t>(step);
       }
     });
