@@ -44,7 +44,7 @@ def schedule(rng, rows, steps, width):
 
 
 @pytest.mark.parametrize("index_dtype", [np.int32, np.int64])
-@pytest.mark.parametrize("width", [16, 5])
+@pytest.mark.parametrize("width", [16, 5, 48])
 def test_deferred_adam_gives_the_bits_of_dense_adam(index_dtype, width):
     rng = np.random.default_rng(7)
     rows = 40
@@ -75,6 +75,38 @@ def test_deferred_adam_gives_the_bits_of_dense_adam(index_dtype, width):
     for name, mine, theirs in zip(("weights", "m", "v"), deferred, dense):
         np.testing.assert_array_equal(mine.numpy(), theirs.numpy(), err_msg=name)
     assert all(steps.numpy() == 240)
+
+
+@pytest.mark.parametrize("width", [16, 32, 7])
+def test_a_catch_up_through_vanishing_moments_gives_the_bits_of_dense_adam(width):
+    """Rows whose m reaches zero (then only v decays) or starts there, a row whose v vanishes
+    too, a NaN and negative zeros: 200 zero-gradient steps, against dense Adam's."""
+    rng = np.random.default_rng(3)
+    rows = 6
+    initial = rng.normal(size=(rows, width)).astype(np.float32)
+    m = (rng.normal(size=(rows, width)) * 1e-3).astype(np.float32)
+    v = (rng.uniform(size=(rows, width)) * 1e-4).astype(np.float32)
+    m[0] = 0.0                  # m zero from the start: only v decays
+    m[1] = 1e-36                # m vanishes part way (denormal, then zero)
+    m[2, ::2] = -0.0            # negative zeros among live elements
+    m[3, 1] = np.nan            # a NaN keeps the row moving
+    v[4] = 2e-38                # v vanishes too
+    m[4] = 1e-37
+    initial[5, ::3] = -0.0
+    dense, deferred = table(initial), table(initial)
+    for variables in (dense, deferred):
+        variables[1].assign(m)
+        variables[2].assign(v)
+    steps = tf.Variable(tf.zeros([rows], tf.int32))
+    zeros = tf.zeros([rows, width])
+    for step in range(1, 201):
+        dense_adam_step(dense, zeros, step)
+    adam.catch_up(*deferred, steps, tf.constant([5, 0, 3, 1, 2, 4, 0]), LR, BETA_1, BETA_2,
+                  EPSILON, 200)
+    for name, mine, theirs in zip(("weights", "m", "v"), deferred, dense):
+        np.testing.assert_array_equal(mine.numpy().view(np.uint32),
+                                      theirs.numpy().view(np.uint32), err_msg=name)
+    assert not np.array_equal(deferred[0].numpy()[2:], initial[2:])  # the steps did move rows
 
 
 def test_a_row_never_touched_stays_and_its_catch_up_is_free():
