@@ -191,6 +191,95 @@ inline void Store(const Eigen::VectorXf& values, Bfloat16* target) {
   sim_merlin::ToBfloat16(values.data(), values.size(), target);
 }
 
+#if defined(__AVX512F__)
+// One softmax head (H = 1) of one sample with D = 16 * C, its keys widened to float32 in
+// `keys` [L, D]: each row's score in registers, then the weighted sum of the rows, where the
+// general path below makes two matrix-vector passes through Eigen (the same formulas, sums in
+// another order).
+template <int C, typename T>
+void SingleHeadForward(const float* keys, const float* q, const bool* mask_in, int64_t length,
+                       float* scratch, T* read_out, T* weights_out) {
+  constexpr int D = 16 * C;
+  float* scores = scratch;
+  float* mask = scores + length;
+  float* w = mask + length;
+  __m512 qv[C];
+  for (int c = 0; c < C; ++c) qv[c] = _mm512_loadu_ps(q + 16 * c);
+  for (int64_t t = 0; t < length; ++t) {
+    const float* k = keys + t * D;
+    __m512 s = _mm512_mul_ps(_mm512_loadu_ps(k), qv[0]);
+    for (int c = 1; c < C; ++c) s = _mm512_fmadd_ps(_mm512_loadu_ps(k + 16 * c), qv[c], s);
+    scores[t] = _mm512_reduce_add_ps(s);
+  }
+  MaskFloats(mask_in, length, mask);
+  MaskedSoftmax(mask, scores, length, w);
+  __m512 read[C];
+  for (int c = 0; c < C; ++c) read[c] = _mm512_setzero_ps();
+  for (int64_t t = 0; t < length; ++t) {
+    const __m512 wt = _mm512_set1_ps(w[t]);
+    for (int c = 0; c < C; ++c) {
+      read[c] = _mm512_fmadd_ps(wt, _mm512_loadu_ps(keys + t * D + 16 * c), read[c]);
+    }
+  }
+  alignas(64) float read_rows[D];
+  for (int c = 0; c < C; ++c) _mm512_store_ps(read_rows + 16 * c, read[c]);
+  sim_merlin::Narrow(read_rows, D, read_out);
+  sim_merlin::Narrow(w, length, weights_out);
+}
+
+// The gradient of one softmax head (H = 1) of one sample with D = 16 * C, its keys widened to
+// float32 in `keys` [L, D]: two passes over the keys, each row's products in registers, and
+// dk written once, where the general path below makes five matrix-vector passes and writes dk
+// twice. The same formulas; sums in another order (so equal to the general path up to float
+// rounding), and the same for a sample wherever it sits in a batch.
+template <int C, typename T>
+void SingleHeadGradient(const float* keys, const float* q, const float* dr, const float* dw,
+                        const bool* mask_in, int64_t length, float* scratch, T* dq_out,
+                        T* dk_out) {
+  constexpr int D = 16 * C;
+  float* scores = scratch;
+  float* grad = scores + length;
+  float* mask = grad + length;
+  float* w = mask + length;
+  __m512 qv[C], dv[C];
+  for (int c = 0; c < C; ++c) {
+    qv[c] = _mm512_loadu_ps(q + 16 * c);
+    dv[c] = _mm512_loadu_ps(dr + 16 * c);
+  }
+  for (int64_t t = 0; t < length; ++t) {
+    const float* k = keys + t * D;
+    __m512 s = _mm512_mul_ps(_mm512_loadu_ps(k), qv[0]);
+    __m512 g = _mm512_mul_ps(_mm512_loadu_ps(k), dv[0]);
+    for (int c = 1; c < C; ++c) {
+      s = _mm512_fmadd_ps(_mm512_loadu_ps(k + 16 * c), qv[c], s);
+      g = _mm512_fmadd_ps(_mm512_loadu_ps(k + 16 * c), dv[c], g);
+    }
+    scores[t] = _mm512_reduce_add_ps(s);
+    grad[t] = _mm512_reduce_add_ps(g) + dw[t];
+  }
+  MaskFloats(mask_in, length, mask);
+  MaskedSoftmax(mask, scores, length, w);
+  float mean = 0.0f;
+  for (int64_t t = 0; t < length; ++t) mean += w[t] * grad[t];
+  __m512 dq[C];
+  for (int c = 0; c < C; ++c) dq[c] = _mm512_setzero_ps();
+  alignas(64) float dk[D];
+  for (int64_t t = 0; t < length; ++t) {
+    const float* k = keys + t * D;
+    const float score_grad = w[t] * (grad[t] - mean);  // 0 off the mask: w is exactly 0 there
+    const __m512 sg = _mm512_set1_ps(score_grad), wt = _mm512_set1_ps(w[t]);
+    for (int c = 0; c < C; ++c) {
+      dq[c] = _mm512_fmadd_ps(sg, _mm512_loadu_ps(k + 16 * c), dq[c]);
+      _mm512_store_ps(dk + 16 * c, _mm512_fmadd_ps(sg, qv[c], _mm512_mul_ps(wt, dv[c])));
+    }
+    sim_merlin::Narrow(dk, D, dk_out + t * D);
+  }
+  alignas(64) float dq_rows[D];
+  for (int c = 0; c < C; ++c) _mm512_store_ps(dq_rows + 16 * c, dq[c]);
+  sim_merlin::Narrow(dq_rows, D, dq_out);
+}
+#endif
+
 template <typename T>
 class DotAttentionOp : public DotAttentionKernel {
  public:
@@ -212,6 +301,25 @@ class DotAttentionOp : public DotAttentionKernel {
     T* weights_out = weights->flat<T>().data();
     const int64_t per_sample = n.length * n.dim, reads_size = n.heads * n.dim,
                   weights_size = n.heads * n.length;
+#if defined(__AVX512F__)
+    if (n.heads == 1 && normalize_[0] && n.dim % 16 == 0 && n.dim <= 64) {
+      auto* single = n.dim == 16 ? &SingleHeadForward<1, T>
+                     : n.dim == 32 ? &SingleHeadForward<2, T>
+                     : n.dim == 48 ? &SingleHeadForward<3, T> : &SingleHeadForward<4, T>;
+      sim_merlin::ForEachRowBlock(
+          context, threads_, n.batch, kSamplesPerBlock, 3 * per_sample,
+          [&](int64_t begin, int64_t end) {
+            Eigen::VectorXf key_buffer(per_sample), query_buffer(n.dim), scratch(3 * n.length);
+            for (int64_t b = begin; b < end; ++b) {
+              single(Sample(keys + b * per_sample, per_sample, &key_buffer),
+                     Sample(query + b * n.dim, n.dim, &query_buffer), masks + b * n.length,
+                     n.length, scratch.data(), reads_out + b * n.dim,
+                     weights_out + b * n.length);
+            }
+          });
+      return;
+    }
+#endif
     sim_merlin::ForEachRowBlock(
         context, threads_, n.batch, kSamplesPerBlock, (2 + 2 * n.heads) * per_sample,
         [&](int64_t begin, int64_t end) {
@@ -266,6 +374,28 @@ class DotAttentionGradOp : public DotAttentionKernel {
     T* dkeys_out = keys_grad->flat<T>().data();
     const int64_t per_sample = n.length * n.dim, reads_size = n.heads * n.dim,
                   weights_size = n.heads * n.length;
+#if defined(__AVX512F__)
+    if (n.heads == 1 && normalize_[0] && n.dim % 16 == 0 && n.dim <= 64) {
+      auto* single = n.dim == 16 ? &SingleHeadGradient<1, T>
+                     : n.dim == 32 ? &SingleHeadGradient<2, T>
+                     : n.dim == 48 ? &SingleHeadGradient<3, T> : &SingleHeadGradient<4, T>;
+      sim_merlin::ForEachRowBlock(
+          context, threads_, n.batch, kSamplesPerBlock, 6 * per_sample,
+          [&](int64_t begin, int64_t end) {
+            Eigen::VectorXf key_buffer(per_sample), query_buffer(n.dim), dr_buffer(n.dim),
+                dw_buffer(n.length), scratch(4 * n.length);
+            for (int64_t b = begin; b < end; ++b) {
+              single(Sample(keys + b * per_sample, per_sample, &key_buffer),
+                     Sample(query + b * n.dim, n.dim, &query_buffer),
+                     Sample(dreads + b * n.dim, n.dim, &dr_buffer),
+                     Sample(dweights + b * n.length, n.length, &dw_buffer),
+                     masks + b * n.length, n.length, scratch.data(), dquery_out + b * n.dim,
+                     dkeys_out + b * per_sample);
+            }
+          });
+      return;
+    }
+#endif
     sim_merlin::ForEachRowBlock(
         context, threads_, n.batch, kSamplesPerBlock, (4 + 4 * n.heads) * per_sample,
         [&](int64_t begin, int64_t end) {
