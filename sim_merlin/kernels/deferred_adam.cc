@@ -187,19 +187,12 @@ inline void ZeroGradientSteps(float* __restrict w, float* __restrict m, float* _
                               float one_minus_beta1, float one_minus_beta2, float epsilon) {
   if (first > last) return;
 #if defined(__AVX512F__)
-  switch (width) {
-    case 16:
-      return ZeroGradientStepsInRegisters<1>(w, m, v, first, last, alphas, one_minus_beta1,
-                                             one_minus_beta2, epsilon);
-    case 32:
-      return ZeroGradientStepsInRegisters<2>(w, m, v, first, last, alphas, one_minus_beta1,
-                                             one_minus_beta2, epsilon);
-    case 48:
-      return ZeroGradientStepsInRegisters<3>(w, m, v, first, last, alphas, one_minus_beta1,
-                                             one_minus_beta2, epsilon);
-    case 64:
-      return ZeroGradientStepsInRegisters<4>(w, m, v, first, last, alphas, one_minus_beta1,
-                                             one_minus_beta2, epsilon);
+  static constexpr decltype(&ZeroGradientStepsInRegisters<1>) kInRegisters[] = {
+      &ZeroGradientStepsInRegisters<1>, &ZeroGradientStepsInRegisters<2>,
+      &ZeroGradientStepsInRegisters<3>, &ZeroGradientStepsInRegisters<4>};
+  if (width % 16 == 0 && 16 <= width && width <= 64) {
+    return kInRegisters[width / 16 - 1](w, m, v, first, last, alphas, one_minus_beta1,
+                                        one_minus_beta2, epsilon);
   }
 #endif
   ZeroGradientStepsAnyWidth(w, m, v, width, first, last, alphas, one_minus_beta1,

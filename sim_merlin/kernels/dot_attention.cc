@@ -192,6 +192,14 @@ inline void Store(const Eigen::VectorXf& values, Bfloat16* target) {
 }
 
 #if defined(__AVX512F__)
+// C for the one-softmax-head AVX-512 kernels below (D = 16 * C, C = 1..4), 0 when they do not
+// apply (several heads, a masked sum, another width).
+inline int OneHeadChunks(const Sizes& n, const std::vector<bool>& normalize) {
+  const bool fits = n.heads == 1 && normalize[0] && n.dim % 16 == 0 && 16 <= n.dim &&
+                    n.dim <= 64;
+  return fits ? static_cast<int>(n.dim / 16) : 0;
+}
+
 // One softmax head (H = 1) of one sample with D = 16 * C, its keys widened to float32 in
 // `keys` [L, D]: each row's score in registers, then the weighted sum of the rows, where the
 // general path below makes two matrix-vector passes through Eigen (the same formulas, sums in
@@ -302,10 +310,11 @@ class DotAttentionOp : public DotAttentionKernel {
     const int64_t per_sample = n.length * n.dim, reads_size = n.heads * n.dim,
                   weights_size = n.heads * n.length;
 #if defined(__AVX512F__)
-    if (n.heads == 1 && normalize_[0] && n.dim % 16 == 0 && n.dim <= 64) {
-      auto* single = n.dim == 16 ? &SingleHeadForward<1, T>
-                     : n.dim == 32 ? &SingleHeadForward<2, T>
-                     : n.dim == 48 ? &SingleHeadForward<3, T> : &SingleHeadForward<4, T>;
+    if (const int chunks = OneHeadChunks(n, normalize_)) {
+      static constexpr decltype(&SingleHeadForward<1, T>) kByChunks[] = {
+          &SingleHeadForward<1, T>, &SingleHeadForward<2, T>, &SingleHeadForward<3, T>,
+          &SingleHeadForward<4, T>};
+      const auto single = kByChunks[chunks - 1];
       sim_merlin::ForEachRowBlock(
           context, threads_, n.batch, kSamplesPerBlock, 3 * per_sample,
           [&](int64_t begin, int64_t end) {
@@ -375,10 +384,11 @@ class DotAttentionGradOp : public DotAttentionKernel {
     const int64_t per_sample = n.length * n.dim, reads_size = n.heads * n.dim,
                   weights_size = n.heads * n.length;
 #if defined(__AVX512F__)
-    if (n.heads == 1 && normalize_[0] && n.dim % 16 == 0 && n.dim <= 64) {
-      auto* single = n.dim == 16 ? &SingleHeadGradient<1, T>
-                     : n.dim == 32 ? &SingleHeadGradient<2, T>
-                     : n.dim == 48 ? &SingleHeadGradient<3, T> : &SingleHeadGradient<4, T>;
+    if (const int chunks = OneHeadChunks(n, normalize_)) {
+      static constexpr decltype(&SingleHeadGradient<1, T>) kByChunks[] = {
+          &SingleHeadGradient<1, T>, &SingleHeadGradient<2, T>, &SingleHeadGradient<3, T>,
+          &SingleHeadGradient<4, T>};
+      const auto single = kByChunks[chunks - 1];
       sim_merlin::ForEachRowBlock(
           context, threads_, n.batch, kSamplesPerBlock, 6 * per_sample,
           [&](int64_t begin, int64_t end) {
