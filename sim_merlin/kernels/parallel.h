@@ -43,7 +43,7 @@ namespace sim_merlin {
 class HelperTeam {
  public:
   // A helper that has finished keeps polling for the next job this long, then sleeps.
-  static constexpr int64_t kSpinNanos = 50'000;
+  static constexpr int64_t kSpinNanos = 20'000;
   // Kernels running at once (on TensorFlow's inter-op threads) each get a team of their own.
   static constexpr int kTeams = 4;
 
@@ -85,21 +85,22 @@ class HelperTeam {
     }
     wake_.notify_all();
     RunChunks();
-    // Close the job; wait for the helpers still running a chunk.
+    // Close the job; wait for the helpers still running a chunk: poll a little (they are
+    // about to finish), then sleep until the last one leaves (the cores may have other work).
     state_.fetch_or(kClosed, std::memory_order_acq_rel);
-    for (int64_t polls = 0; (state_.load(std::memory_order_acquire) & kActive) != 0; ++polls) {
-      if (polls < 20000) {
-        _mm_pause();
-      } else {
-        std::this_thread::yield();
-      }
+    for (int polls = 0; polls < kWaitPolls; ++polls) {
+      if ((state_.load(std::memory_order_acquire) & kActive) == 0) return true;
+      _mm_pause();
     }
+    std::unique_lock<std::mutex> lock(done_mutex_);
+    done_.wait(lock, [&] { return (state_.load(std::memory_order_acquire) & kActive) == 0; });
     return true;
   }
 
  private:
   // state_: the job's number (<< kJobShift), whether it is closed, and the helpers in it.
   static constexpr uint64_t kActive = 0xFFFFFFFFu;
+  static constexpr int kWaitPolls = 2000;
   static constexpr uint64_t kClosed = uint64_t{1} << 32;
   static constexpr int kJobShift = 33;
   static constexpr uint64_t kJobMask = (uint64_t{1} << 30) - 1;
@@ -160,13 +161,19 @@ class HelperTeam {
       if (!Join(seen)) continue;
       _mm_setcsr(control_);
       RunChunks();
-      state_.fetch_sub(1, std::memory_order_acq_rel);
+      const uint64_t before = state_.fetch_sub(1, std::memory_order_acq_rel);
+      if ((before & kActive) == 1 && (before & kClosed) != 0) {
+        std::lock_guard<std::mutex> guard(done_mutex_);  // the kernel may be asleep
+        done_.notify_one();
+      }
     }
   }
 
   std::mutex in_use_;  // held by the kernel using the team
   std::mutex mutex_;   // for sleeping helpers
   std::condition_variable wake_;
+  std::mutex done_mutex_;  // for the kernel waiting for its helpers
+  std::condition_variable done_;
   std::atomic<uint64_t> generation_{0};
   std::atomic<uint64_t> state_{0};
   std::atomic<int64_t> next_{0};
