@@ -73,6 +73,7 @@ class HelperTeam {
     if (!taken.owns_lock()) return false;
     while (static_cast<int>(threads_) < helpers) Start();
     work_ = &work;
+    helpers_.store(static_cast<uint64_t>(helpers), std::memory_order_relaxed);  // of a larger team
     count_ = count;
     chunk_ = chunk;
     control_ = control;
@@ -100,10 +101,11 @@ class HelperTeam {
  private:
   // state_: the job's number (<< kJobShift), whether it is closed, and the helpers in it.
   static constexpr uint64_t kActive = 0xFFFFFFFFu;
-  static constexpr int kWaitPolls = 2000;
   static constexpr uint64_t kClosed = uint64_t{1} << 32;
   static constexpr int kJobShift = 33;
   static constexpr uint64_t kJobMask = (uint64_t{1} << 30) - 1;
+  // Polls of a kernel waiting for its helpers before it sleeps.
+  static constexpr int kWaitPolls = 2000;
 
   static std::mutex& Creation() {
     static std::mutex* mutex = new std::mutex();
@@ -136,11 +138,14 @@ class HelperTeam {
     }
   }
 
-  // Joins job `job` if it is still open; false otherwise.
+  // Joins job `job` if it is still open and short of helpers; false otherwise.
   bool Join(uint64_t job) {
     uint64_t state = state_.load(std::memory_order_acquire);
     for (;;) {
-      if ((state >> kJobShift) != job || (state & kClosed) != 0) return false;
+      if ((state >> kJobShift) != job || (state & kClosed) != 0 ||
+          (state & kActive) >= helpers_.load(std::memory_order_relaxed)) {
+        return false;
+      }
       if (state_.compare_exchange_weak(state, state + 1, std::memory_order_acq_rel)) return true;
     }
   }
@@ -178,6 +183,7 @@ class HelperTeam {
   std::atomic<uint64_t> state_{0};
   std::atomic<int64_t> next_{0};
   const std::function<void(int64_t, int64_t)>* work_ = nullptr;
+  std::atomic<uint64_t> helpers_{0};  // at most this many helpers join the job
   int64_t count_ = 0, chunk_ = 1;
   unsigned int control_ = 0;
   int threads_ = 0;
