@@ -195,6 +195,28 @@ class BehaviourEmbeddings(SchemaConfigMixin, mm.Block):
         embedded = tf.concat(parts, axis=-1)
         return embedded if mask is None else _masked(embedded, mask)
 
+    def _lookups(self, lookups: dict) -> dict:
+        """``{key: rows}`` for ``lookups`` ``{key: (ids by column, columns, mask or None)}``.
+        The lookups of the same tables (a target and its histories) are one op when fused: their
+        gradient is then one IndexedSlices per table, where one per lookup would be concatenated
+        by the gradient tape (a copy of every gradient row) before the optimizer's update."""
+        by_tables = {}
+        for key, (_, names, _) in lookups.items():
+            domains = tuple(self.layout.column_domain[n] for n in names)
+            by_tables.setdefault(domains, []).append(key)
+        out = {}
+        for domains, keys in by_tables.items():
+            tables = [self.tables[d] for d in domains]
+            if len(keys) > 1 and _fused_lookups(tables):
+                rows = embedding_rows.embedding_row_groups(
+                    [t.embeddings for t in tables],
+                    [[lookups[k][0][n] for n in lookups[k][1]] for k in keys],
+                    tables[0].compute_dtype, [lookups[k][2] for k in keys])
+                out.update(zip(keys, rows))
+            else:
+                out.update((key, self._lookup(*lookups[key])) for key in keys)
+        return out
+
     def call(self, inputs, outputs=None, training=False):
         """The dict of the class docstring; with ``outputs`` (an iterable of its keys) only
         those keys. Lookups a model does not read must not be asked for: a table lookup reads a
@@ -242,8 +264,7 @@ class BehaviourEmbeddings(SchemaConfigMixin, mm.Block):
                 reads.setdefault(layout.column_domain[name], []).append(source[name])
         for domain, read in sorted(reads.items()):
             self.tables[domain].announce(read)
-        for key, (source, names, key_mask) in lookups.items():
-            out[key] = self._lookup(source, names, key_mask)
+        out.update(self._lookups(lookups))
         index = layout.features.index(self.search_feature)
         if "target_search_key" in wanted:
             out["target_search_key"] = self._ids(inputs, layout.target[index])

@@ -42,6 +42,24 @@ def _variable(table):
     return getattr(table, "_variable", table)  # under an AutoCastVariable, the float32 one
 
 
+def _tables_and_widths(tables):
+    """The float32 variables under ``tables`` and their widths; each read recorded on the tape."""
+    tables = [_variable(t) for t in tables]
+    widths = []
+    for table in tables:
+        if table.dtype != tf.float32 or table.shape.rank != 2 or table.shape[1] is None:
+            raise ValueError(f"embedding_rows reads float32 matrices of known width, got "
+                             f"{table.name} {table.dtype.name} {table.shape}")
+        widths.append(int(table.shape[1]))
+        _tape.variable_accessed(table)  # the tape then sees the read, as a gather's
+    rows = [int(t.shape[0]) if t.shape[0] is not None else 0 for t in tables]
+    return tables, widths, rows
+
+
+def _index_dtype(ids):
+    return tf.int32 if all(i.dtype == tf.int32 for i in ids) else tf.int64
+
+
 def embedding_rows(tables, ids, dtype=tf.float32, mask=None):
     """``concat([cast(gather(table, i), dtype) for table, i in zip(tables, ids)], -1)``, times
     ``mask[..., None]`` when a mask is given.
@@ -51,23 +69,38 @@ def embedding_rows(tables, ids, dtype=tf.float32, mask=None):
     of shape S. Returns S + [sum of widths]. An id outside its table raises
     ``InvalidArgumentError`` naming it (masked positions' ids too).
     """
-    tables = [_variable(t) for t in tables]
     if len(tables) != len(ids) or not tables:
         raise ValueError(f"embedding_rows needs one ids tensor per table, got {len(tables)} "
                          f"tables and {len(ids)} ids")
-    widths = []
-    for table in tables:
-        if table.dtype != tf.float32 or table.shape.rank != 2 or table.shape[1] is None:
-            raise ValueError(f"embedding_rows reads float32 matrices of known width, got "
-                             f"{table.name} {table.dtype.name} {table.shape}")
-        widths.append(int(table.shape[1]))
-        _tape.variable_accessed(table)  # the tape then sees the read, as a gather's
-    index_dtype = tf.int32 if all(i.dtype == tf.int32 for i in ids) else tf.int64
-    rows = [int(t.shape[0]) if t.shape[0] is not None else 0 for t in tables]
+    tables, widths, rows = _tables_and_widths(tables)
+    index_dtype = _index_dtype(ids)
     masks = [] if mask is None else [tf.cast(mask, tf.bool)]
     return _library().sim_merlin_embedding_rows(
         [t.handle for t in tables], [tf.cast(i, index_dtype) for i in ids], masks,
         widths=widths, table_rows=rows, T=tf.as_dtype(dtype), threads=_threads())
+
+
+def embedding_row_groups(tables, ids, dtype=tf.float32, masks=None):
+    """Several :func:`embedding_rows` of the same ``tables`` as one op: ``[embedding_rows(tables,
+    ids[g], dtype, masks[g]) for g in groups]``, the same values.
+
+    ``ids``: one list per group of one ids tensor per table (each group its own shape);
+    ``masks``: None, or one mask or None per group. The gradient is one ``tf.IndexedSlices`` per
+    table for all groups together (the groups' rows in group order), where separate lookups give
+    one per lookup, which the gradient tape concatenates (a copy of every row) before the update.
+    """
+    masks = [None] * len(ids) if masks is None else list(masks)
+    if not ids or len(masks) != len(ids) or any(len(g) != len(tables) for g in ids):
+        raise ValueError(f"embedding_row_groups needs, per group, one ids tensor per table "
+                         f"({len(tables)}) and one mask or None; got {[len(g) for g in ids]} "
+                         f"ids and {len(masks)} masks")
+    tables, widths, rows = _tables_and_widths(tables)
+    index_dtype = _index_dtype([i for group in ids for i in group])
+    return _library().sim_merlin_embedding_row_groups(
+        [t.handle for t in tables], [tf.cast(i, index_dtype) for group in ids for i in group],
+        [tf.cast(m, tf.bool) for m in masks if m is not None],
+        G=len(ids), masked=[m is not None for m in masks], widths=widths, table_rows=rows,
+        T=tf.as_dtype(dtype), threads=_threads())
 
 
 @tf.RegisterGradient("SimMerlinEmbeddingRows")
@@ -86,4 +119,19 @@ def _embedding_rows_gradient(op, rows_grad):
                                   resource_variable_ops.variable_shape(handle))
                  for handle, table_ids, part, index, table_rows
                  in zip(op.inputs[:count], ids, values, indices, rows)]
+    return gradients + [None] * (len(op.inputs) - count)
+
+
+@tf.RegisterGradient("SimMerlinEmbeddingRowGroups")
+def _embedding_row_groups_gradient(op, *rows_grads):
+    count, groups = op.get_attr("N"), op.get_attr("G")
+    ids = op.inputs[count:count + count * groups]
+    masks = op.inputs[count + count * groups:]
+    rows_grads = [tf.zeros_like(output) if grad is None else grad
+                  for grad, output in zip(rows_grads, op.outputs)]
+    values, indices = _library().sim_merlin_embedding_row_groups_grad(
+        rows_grads, ids, masks, N=count, masked=op.get_attr("masked"), widths=op.get_attr("widths"),
+        table_rows=op.get_attr("table_rows"), threads=op.get_attr("threads"))
+    gradients = [tf.IndexedSlices(part, index, resource_variable_ops.variable_shape(handle))
+                 for handle, part, index in zip(op.inputs[:count], values, indices)]
     return gradients + [None] * (len(op.inputs) - count)

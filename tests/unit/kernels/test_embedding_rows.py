@@ -200,3 +200,79 @@ def test_masked_positions_ids_are_still_checked():
     with pytest.raises(tf.errors.InvalidArgumentError, match=r"ids\[1\] .* is not in \[0, 7\)"):
         embedding_rows.embedding_rows(tables, [ids[0], ids[1] + 7],
                                       mask=tf.zeros([6, 9], tf.bool))
+
+
+def _groups(seed=9):
+    """Tables (a large one, and a small one read often enough to be summed) and three groups of
+    ids: a target [8], a masked history [8, 40] and a negative history [8, 5]."""
+    rng = np.random.default_rng(seed)
+    tables = [tf.Variable(rng.normal(size=(1000, 16)).astype(np.float32)),
+              tf.Variable(rng.normal(size=(20, 5)).astype(np.float32))]
+    shapes = [(8,), (8, 40), (8, 5)]
+    ids = [[tf.constant(rng.integers(0, 1000, s)), tf.constant(rng.integers(0, 20, s))]
+           for s in shapes]
+    masks = [None, tf.constant(rng.uniform(size=(8, 40)) < 0.7), None]
+    return tables, ids, masks
+
+
+@pytest.mark.parametrize("dtype", [tf.float32, tf.bfloat16])
+def test_groups_give_the_rows_of_separate_lookups_and_one_gradient_per_table(dtype):
+    tables, ids, masks = _groups()
+    upstream = [tf.cast(tf.random.stateless_normal(list(i[0].shape) + [21], [g, 7]), dtype)
+                for g, i in enumerate(ids)]
+
+    @tf.function
+    def run(grouped):
+        with tf.GradientTape() as tape:
+            if grouped:
+                rows = embedding_rows.embedding_row_groups(tables, ids, dtype, masks)
+            else:
+                rows = [embedding_rows.embedding_rows(tables, i, dtype, mask=m)
+                        for i, m in zip(ids, masks)]
+            loss = tf.add_n([tf.reduce_sum(tf.cast(r * u, tf.float32))
+                             for r, u in zip(rows, upstream)])
+        return rows, tape.gradient(loss, tables)
+
+    got, (large, small) = run(True)
+    want, (want_large, want_small) = run(False)
+    for g, w in zip(got, want):
+        assert g.dtype == dtype and g.shape == w.shape
+        np.testing.assert_array_equal(bits(g), bits(w))
+    # The large table: one IndexedSlices whose rows are the groups' rows in group order (the
+    # tape's concatenation of the separate lookups' slices gives the same rows and ids).
+    assert isinstance(large, tf.IndexedSlices) and large.values.shape == (8 + 320 + 40, 16)
+    all_ids = np.concatenate([i[0].numpy().reshape(-1) for i in ids])
+    np.testing.assert_array_equal(large.indices.numpy(), all_ids)
+    np.testing.assert_array_equal(large.values.numpy(), want_large.values.numpy())
+    # Independently, with numpy: each id's row is its upstream slice; masked positions zero.
+    up = [tf.cast(u, tf.float32).numpy() for u in upstream]
+    keep = [np.ones(i[0].shape, bool) if m is None else m.numpy() for i, m in zip(ids, masks)]
+    expected = np.concatenate([(u[..., :16] * k[..., None]).reshape(-1, 16)
+                               for u, k in zip(up, keep)])
+    np.testing.assert_array_equal(large.values.numpy(), expected)
+    # The small table (368 reads of 20 rows): summed per row over all groups.
+    assert small.values.shape[1] == 5 and small.values.shape[0] <= 20
+    dense = np.zeros([20, 5], np.float64)
+    for i, u, k in zip(ids, up, keep):
+        np.add.at(dense, i[1].numpy().reshape(-1), (u[..., 16:] * k[..., None]).reshape(-1, 5))
+    np.testing.assert_allclose(tf.convert_to_tensor(small).numpy(), dense, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(tf.convert_to_tensor(small).numpy(),
+                               tf.convert_to_tensor(want_small).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_groups_without_a_gradient_for_one_group_and_errors_named():
+    tables, ids, masks = _groups(10)
+    with tf.GradientTape() as tape:
+        target, history, _ = embedding_rows.embedding_row_groups(tables, ids, tf.float32, masks)
+        loss = tf.reduce_sum(target) + tf.reduce_sum(history)  # the third group unused
+    large, _ = tape.gradient(loss, tables)
+    values = large.values.numpy()
+    assert values.shape == (368, 16)
+    assert not values[328:].any()  # the unused group's rows: zero gradient
+    np.testing.assert_array_equal(values[:8], np.ones([8, 16]))
+    bad = [ids[0], [ids[1][0], ids[1][1] + 20], ids[2]]
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"ids\[1\] of group 1 .* is not in \[0, 20\)"):
+        embedding_rows.embedding_row_groups(tables, bad, tf.float32, masks)
+    with pytest.raises(ValueError, match="one ids tensor per table"):
+        embedding_rows.embedding_row_groups(tables, [ids[0][:1]], tf.float32)
