@@ -88,6 +88,16 @@ def embedding_row_groups(tables, ids, dtype=tf.float32, masks=None):
     ``masks``: None, or one mask or None per group. The gradient is one ``tf.IndexedSlices`` per
     table for all groups together (the groups' rows in group order), where separate lookups give
     one per lookup, which the gradient tape concatenates (a copy of every row) before the update.
+
+    Example (a target id per row and a history of two ids per row, one table)::
+
+        >>> from sim_merlin.kernels import model_ops
+        >>> table = tf.Variable([[1.0], [2.0], [3.0]])
+        >>> if model_ops.available():
+        ...     target, history = embedding_row_groups(
+        ...         [table], [[tf.constant([2, 0])], [tf.constant([[1, 2], [0, 1]])]])
+        ...     assert target.numpy().tolist() == [[3.0], [1.0]]
+        ...     assert history.numpy().tolist() == [[[2.0], [3.0]], [[1.0], [2.0]]]
     """
     masks = [None] * len(ids) if masks is None else list(masks)
     if not ids or len(masks) != len(ids) or any(len(g) != len(tables) for g in ids):
