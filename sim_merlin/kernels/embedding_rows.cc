@@ -497,6 +497,18 @@ REGISTER_OP("SimMerlinEmbeddingRowsGrad")
     .Attr("threads: int = 0")
     .SetShapeFn(GradientShapes);
 
+// The attributes the grouped lookup and its gradient share.
+#define GROUP_ATTRS                   \
+  .Attr("N: int >= 1")                \
+  .Attr("G: int >= 1")                \
+  .Attr("NG: int >= 1")               \
+  .Attr("M: int >= 0 = 0")            \
+  .Attr("masked: list(bool)")         \
+  .Attr("widths: list(int) >= 1")     \
+  .Attr("T: {float, bfloat16}")       \
+  .Attr("Tindices: {int32, int64}")   \
+  .Attr("threads: int = 0")
+
 // Several lookups of the same tables (a target item and its history) as one op: one gradient
 // op then gives one IndexedSlices per table for all of them, where separate lookups give one
 // each, which the gradient tape concatenates (a copy of every gradient row) before the update.
@@ -505,16 +517,8 @@ REGISTER_OP("SimMerlinEmbeddingRowGroups")
     .Input("ids: NG * Tindices")     // group g's ids of table k at g * N + k; one shape S_g
     .Input("masks: M * bool")        // the masks of the groups whose `masked` entry is true
     .Output("rows: G * T")           // S_g + [sum(widths)]
-    .Attr("N: int >= 1")
-    .Attr("G: int >= 1")
-    .Attr("NG: int >= 1")
-    .Attr("M: int >= 0 = 0")
-    .Attr("masked: list(bool)")
-    .Attr("widths: list(int) >= 1")
+    GROUP_ATTRS
     .Attr("table_rows: list(int) = []")
-    .Attr("T: {float, bfloat16}")
-    .Attr("Tindices: {int32, int64}")
-    .Attr("threads: int = 0")
     .SetIsStateful()
     .SetShapeFn([](tensorflow::shape_inference::InferenceContext* c) {
       int n = 0, groups = 0;
@@ -551,16 +555,8 @@ REGISTER_OP("SimMerlinEmbeddingRowGroupsGrad")
     .Input("masks: M * bool")       // the forward op's masks
     .Output("values: N * float")    // [sum of counts or m, widths[k]]
     .Output("indices: N * int64")   // [m] or all groups' ids
-    .Attr("N: int >= 1")
-    .Attr("G: int >= 1")
-    .Attr("NG: int >= 1")
-    .Attr("M: int >= 0 = 0")
-    .Attr("masked: list(bool)")
-    .Attr("widths: list(int) >= 1")
+    GROUP_ATTRS
     .Attr("table_rows: list(int)")
-    .Attr("T: {float, bfloat16}")
-    .Attr("Tindices: {int32, int64}")
-    .Attr("threads: int = 0")
     .SetShapeFn(GradientShapes);
 
 #define REGISTER(op, kernel, T, Index)                                  \
@@ -579,6 +575,7 @@ REGISTER_BOTH(float, int64_t)
 REGISTER_BOTH(Eigen::bfloat16, int32_t)
 REGISTER_BOTH(Eigen::bfloat16, int64_t)
 #undef REGISTER_BOTH
+#undef GROUP_ATTRS
 #undef REGISTER
 
 }  // namespace
