@@ -104,6 +104,11 @@ struct GroupLayout {
   int groups = 1;
   std::vector<bool> masked;
 
+  // " of group g" in an error message, when there are several groups.
+  std::string Of(int64_t g) const {
+    return groups > 1 ? " of group " + std::to_string(g) : "";
+  }
+
   tensorflow::Status Read(OpKernelConstruction* context) {
     if (context->HasAttr("G")) {
       TF_RETURN_IF_ERROR(context->GetAttr("G", &groups));
@@ -174,7 +179,7 @@ class EmbeddingRowsOp : public OpKernel {
         const Tensor& index = context->input(first + k);
         OP_REQUIRES(context, index.shape() == first_ids.shape(),
                     tensorflow::errors::InvalidArgument(
-                        "all ids", Group(g), " must have one shape, got ",
+                        "all ids", layout_.Of(g), " must have one shape, got ",
                         first_ids.shape().DebugString(), " and ", index.shape().DebugString()));
         ids[k] = index.flat<Index>().data();
       }
@@ -183,7 +188,7 @@ class EmbeddingRowsOp : public OpKernel {
         const Tensor& mask = context->input(mask_input++);
         OP_REQUIRES(context, mask.shape() == first_ids.shape(),
                     tensorflow::errors::InvalidArgument(
-                        "the mask", Group(g), " must have the ids' shape ",
+                        "the mask", layout_.Of(g), " must have the ids' shape ",
                         first_ids.shape().DebugString(), ", got ", mask.shape().DebugString()));
         keep = mask.flat<bool>().data();
       }
@@ -198,7 +203,7 @@ class EmbeddingRowsOp : public OpKernel {
         const int k = static_cast<int>(where / count);
         const int64_t i = where % count;
         context->SetStatus(tensorflow::errors::InvalidArgument(
-            "ids[", k, "]", Group(g), " (flat position ", i, ") = ",
+            "ids[", k, "]", layout_.Of(g), " (flat position ", i, ") = ",
             static_cast<int64_t>(ids[k][i]), " is not in [0, ", rows[k], "): the table has ",
             rows[k], " rows"));
         return;
@@ -207,10 +212,6 @@ class EmbeddingRowsOp : public OpKernel {
   }
 
  private:
-  std::string Group(int g) const {
-    return layout_.groups > 1 ? " of group " + std::to_string(g) : "";
-  }
-
   // One group's rows into out [count, total]; an id outside its table: k * count + i, else -1.
   int64_t Write(OpKernelContext* context, const std::vector<const float*>& tables,
                 const std::vector<int64_t>& rows, const std::vector<const Index*>& ids,
@@ -304,7 +305,7 @@ class EmbeddingRowsGradOp : public OpKernel {
       for (int k = 0; k < n; ++k) {
         const Tensor& table_ids = context->input(groups + g * n + k);
         OP_REQUIRES(context, table_ids.NumElements() == part.count,
-                    tensorflow::errors::InvalidArgument("ids ", k, " of group ", g, " must have ",
+                    tensorflow::errors::InvalidArgument("ids ", k, layout_.Of(g), " must have ",
                                                         part.count, " elements, got ",
                                                         table_ids.shape().DebugString()));
         part.ids.push_back(table_ids.flat<Index>().data());
@@ -312,7 +313,7 @@ class EmbeddingRowsGradOp : public OpKernel {
       if (layout_.masked[g]) {
         const Tensor& mask = context->input(mask_input++);
         OP_REQUIRES(context, mask.NumElements() == part.count,
-                    tensorflow::errors::InvalidArgument("the mask of group ", g, " must have ",
+                    tensorflow::errors::InvalidArgument("the mask", layout_.Of(g), " must have ",
                                                         part.count, " elements, got ",
                                                         mask.shape().DebugString()));
         part.keep = mask.flat<bool>().data();
@@ -429,7 +430,7 @@ class EmbeddingRowsGradOp : public OpKernel {
       const int64_t i = block.begin + bad.load() % kIdsPerSumBlock;
       const int64_t g = block.part - parts.data();
       return tensorflow::errors::InvalidArgument(
-          "ids[", k, "]", parts.size() > 1 ? " of group " + std::to_string(g) : "",
+          "ids[", k, "]", layout_.Of(g),
           " (flat position ", i, ") = ", static_cast<int64_t>(block.part->ids[k][i]),
           " is not in [0, ", rows, ")");
     }
