@@ -7,7 +7,9 @@ Writes ``OUT/train`` and ``OUT/test``: parquet files plus the Merlin ``schema.pb
 columns and tags ``workflows/preprocess.py`` produces, with the reference README's table sizes
 (users 105,925, items 1,209,081, categories 2,330) and history length 100. Ids are drawn with
 Zipf-like popularity (as real item ids are); history lengths are log-normal (median 40) clipped
-to 1..100 and left-padded with 0; the negative history is as long as the history. Labels
+to 1..100 and left-padded with 0; the negative history is as long as the history. The files have
+the layout the preprocessing writes: uncompressed, every column required (non-nullable:
+:mod:`sim_merlin.preprocessing.required_columns`). Labels
 alternate 1, 0 as the reference's samples do (a positive and its negative). Speed does not
 depend on what the ids mean, only on how many distinct rows a batch touches, which the Zipf
 draw keeps realistic. Reused when it already exists with the same arguments.
@@ -63,11 +65,13 @@ def write(out: Path, rows: int, test_rows: int, seed: int = 7, partition_rows: i
     """Write (or reuse) the data set under ``out``; returns ``out``."""
     from merlin.schema.io.tensorflow_metadata import TensorflowMetadata
 
+    from sim_merlin.preprocessing.required_columns import require_values
     from sim_merlin.schema import sample_schema
 
     sizes = sizes or BOOKS_SIZE
     stamp = {"rows": rows, "test_rows": test_rows, "seed": seed, "sizes": sizes,
-             "partition_rows": partition_rows, "history": HISTORY_LENGTH}
+             "partition_rows": partition_rows, "history": HISTORY_LENGTH,
+             "layout": "uncompressed, required columns"}
     if (out / "stamp.json").exists() and json.loads((out / "stamp.json").read_text()) == stamp:
         return out
     temporary = out.with_name(out.name + ".partial")
@@ -79,8 +83,9 @@ def write(out: Path, rows: int, test_rows: int, seed: int = 7, partition_rows: i
         directory.mkdir(parents=True)
         for part, start in enumerate(range(0, count, partition_rows)):
             frame = make_split(min(partition_rows, count - start), split_seed * 1000 + part, sizes)
-            frame.to_parquet(directory / f"part_{part}.parquet", index=False)
+            frame.to_parquet(directory / f"part_{part}.parquet", index=False, compression=None)
             print(f"{split}: {start + len(frame):,} / {count:,} rows", file=sys.stderr, flush=True)
+        require_values(directory)  # the file layout workflows/preprocess.py writes
         TensorflowMetadata.from_merlin_schema(schema).to_proto_text_file(str(directory))
     (temporary / "stamp.json").write_text(json.dumps(stamp))
     shutil.rmtree(out, ignore_errors=True)

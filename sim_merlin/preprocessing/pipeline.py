@@ -15,7 +15,9 @@ output, which is renamed into place only when everything succeeded):
    split) and ``Groupby`` user, sorting each user's behaviours by (time, item string) as the
    reference does;
 5. **samples** (NVTabular workflows, one per split): :class:`BuildSamples` emits the train and test
-   samples with negatives, written with ``to_parquet`` together with their ``schema.pbtxt``.
+   samples with negatives, written with ``to_parquet`` together with their ``schema.pbtxt``,
+   then rewritten with every column declared non-nullable
+   (:mod:`sim_merlin.preprocessing.required_columns`), which is faster to read.
 
 The fitted encode workflow is saved under ``OUTPUT/workflow`` so new logs can be encoded the same
 way later (``nvtabular.Workflow.load``).
@@ -37,6 +39,7 @@ import pandas as pd
 from sim_merlin.environment import announce_backend, compute_backend
 from sim_merlin.files import process_alive, replace_directory
 from sim_merlin.preprocessing import raw
+from sim_merlin.preprocessing.required_columns import require_values
 from sim_merlin.schema import CATEGORY_ID, ITEM_ID, USER_ID
 
 
@@ -371,6 +374,8 @@ def _run(config: PreprocessConfig, work: Path, stages: _Stages, workers: int) ->
         sample_workflow.transform(dataset).to_parquet(
             str(work / "final" / split), output_files=dataset.npartitions
         )
+        # Columns declared non-nullable: the data loader decodes them about 1.5x faster.
+        require_values(work / "final" / split)
 
     stages.run("train samples", samples, "train")
     stages.run("test samples", samples, "test")

@@ -187,6 +187,26 @@ def test_same_seed_gives_identical_files_and_another_seed_other_negatives(output
     assert sorted(a[a.label == 0]["item_id"]) != sorted(b[b.label == 0]["item_id"])
 
 
+def test_every_column_is_written_non_nullable_and_the_summary_matches(output):
+    import pyarrow.parquet as pq
+
+    out, _ = output
+    for split in ("train", "test"):
+        files = sorted((out / split).glob("*.parquet"))
+        rows = 0
+        for path in files:
+            schema = pq.read_schema(path)
+            for field in schema:
+                assert not field.nullable, (path, field)
+                if hasattr(field.type, "value_field"):
+                    assert not field.type.value_field.nullable, (path, field)
+            rows += pq.ParquetFile(path).metadata.num_rows
+        summary = pq.read_metadata(out / split / "_metadata")
+        assert summary.num_rows == rows
+        assert {summary.row_group(i).column(0).file_path
+                for i in range(summary.num_row_groups)} == {p.name for p in files}
+
+
 def test_the_merlin_dataloader_reads_the_output_directly(output):
     from merlin.dataloader.tensorflow import Loader
     from merlin.io import Dataset
