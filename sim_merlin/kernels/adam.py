@@ -69,14 +69,17 @@ def catch_up(variable, m, v, steps, rows, learning_rate, beta_1, beta_2, epsilon
 
 def deferred_update(variable, m, v, steps, gradient: tf.IndexedSlices, learning_rate, beta_1,
                     beta_2, epsilon, step):
-    """Dense Adam's step ``step`` (from 1) of the rows in ``gradient`` (repeats summed), each
-    first brought to ``step - 1`` steps; the other rows wait (see :func:`catch_up`)."""
+    """Dense Adam's step ``step`` (from 1) of the rows in ``gradient`` (repeats summed in
+    float32, also from bfloat16 rows), each first brought to ``step - 1`` steps; the other rows
+    wait (see :func:`catch_up`)."""
     indices = gradient.indices
     if indices.dtype not in (tf.int32, tf.int64):
         indices = tf.cast(indices, tf.int64)
+    values = gradient.values  # bfloat16 rows are widened by the op (exactly)
+    if values.dtype != tf.bfloat16:
+        values = tf.cast(values, tf.float32)
     return _library().sim_merlin_deferred_adam(
-        variable.handle, m.handle, v.handle, steps.handle, indices,
-        tf.cast(gradient.values, tf.float32), _scalar(learning_rate), _scalar(beta_1),
+        variable.handle, m.handle, v.handle, steps.handle, indices, values, _scalar(learning_rate), _scalar(beta_1),
         _scalar(beta_2), _scalar(epsilon), tf.cast(step, tf.int64), threads=_threads())
 
 

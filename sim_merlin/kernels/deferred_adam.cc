@@ -59,12 +59,13 @@ REGISTER_OP("SimMerlinDeferredAdam")
     .Input("v: resource")
     .Input("steps: resource")
     .Input("indices: Tindices")  // [N] rows of var, repeats allowed
-    .Input("values: float")      // [N, D] gradient rows
+    .Input("values: T")          // [N, D] gradient rows (bfloat16: widened, exactly)
     .Input("lr: float")
     .Input("beta1: float")
     .Input("beta2: float")
     .Input("epsilon: float")
     .Input("step: int64")        // t, counted from 1: the step being applied
+    .Attr("T: {float, bfloat16} = DT_FLOAT")
     .Attr("Tindices: {int32, int64}")
     .Attr("threads: int = 0")
     .SetShapeFn(NoOutputs);
@@ -421,7 +422,30 @@ class CatchUpOp : public AdamKernel {
   }
 };
 
-template <typename Index>
+// A gradient row's elements as float32: a bfloat16 is the high half of the float32 with the
+// same value (widening is exact), done on the bits so the loop vectorizes.
+inline float Widen(float x) { return x; }
+inline float Widen(const Eigen::bfloat16& x) {
+  uint16_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  const uint32_t wide = static_cast<uint32_t>(bits) << 16;
+  float out;
+  std::memcpy(&out, &wide, sizeof(out));
+  return out;
+}
+template <typename Value>
+inline void AddRow(float* __restrict into, const Value* __restrict from, int64_t width) {
+  for (int64_t j = 0; j < width; ++j) into[j] += Widen(from[j]);
+}
+template <typename Value>
+inline void AppendRow(std::vector<float>* sums, const Value* __restrict from, int64_t width) {
+  const size_t size = sums->size();
+  sums->resize(size + width);
+  float* __restrict into = sums->data() + size;
+  for (int64_t j = 0; j < width; ++j) into[j] = Widen(from[j]);
+}
+
+template <typename Index, typename Value>
 class DeferredAdamOp : public AdamKernel {
  public:
   using AdamKernel::AdamKernel;
@@ -441,7 +465,7 @@ class DeferredAdamOp : public AdamKernel {
                 tensorflow::errors::InvalidArgument("step must be in 1 .. 2^31 - 1, got ", step));
     const Index* index = indices.flat<Index>().data();
     if (!InTable(context, index, n, table.rows)) return;
-    const float* g = values.flat<float>().data();
+    const Value* g = values.flat<Value>().data();
     const float* alphas = alphas_.Upto(hyper, step);
     int32_t* steps = table.step_counts;
     float *w = table.w, *mm = table.mm, *vv = table.vv;
@@ -465,17 +489,16 @@ class DeferredAdamOp : public AdamKernel {
         }
         const int64_t row = static_cast<int64_t>(index[i]);
         if (!part.Has(row)) continue;
-        const float* gi = g + i * width;
+        const Value* gi = g + i * width;
         int32_t s = slot[row];
         if (s >= 0) {
-          float* target = sums.data() + static_cast<int64_t>(s) * width;
-          for (int64_t j = 0; j < width; ++j) target[j] += gi[j];
+          AddRow(sums.data() + static_cast<int64_t>(s) * width, gi, width);
           continue;
         }
         if (steps[row] >= step) ahead = row;
         slot[row] = static_cast<int32_t>(rows.size());
         rows.push_back(row);
-        sums.insert(sums.end(), gi, gi + width);
+        AppendRow(&sums, gi, width);
       }
       const int64_t count = static_cast<int64_t>(rows.size());
       for (int64_t k = 0; k < count; ++k) {
@@ -511,6 +534,17 @@ class DeferredAdamOp : public AdamKernel {
       kernel<int64_t>);
 
 REGISTER("SimMerlinAdamCatchUp", CatchUpOp)
-REGISTER("SimMerlinDeferredAdam", DeferredAdamOp)
+#undef REGISTER
+
+#define REGISTER(Index, Value)                                                   \
+  REGISTER_KERNEL_BUILDER(Name("SimMerlinDeferredAdam")                          \
+                              .Device(tensorflow::DEVICE_CPU)                    \
+                              .TypeConstraint<Index>("Tindices")                 \
+                              .TypeConstraint<Value>("T"),                       \
+                          DeferredAdamOp<Index, Value>);
+REGISTER(int32_t, float)
+REGISTER(int64_t, float)
+REGISTER(int32_t, Eigen::bfloat16)
+REGISTER(int64_t, Eigen::bfloat16)
 
 }  // namespace

@@ -21,6 +21,7 @@
 #include <cstring>
 #include <memory>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "variable_ops.h"  // first: it sets EIGEN_USE_THREADS
@@ -281,6 +282,22 @@ class EmbeddingRowsGradOp : public OpKernel {
     grouped_ = context->HasAttr("G");
     OP_REQUIRES(context, rows_.size() == widths_.size(),
                 tensorflow::errors::InvalidArgument("table_rows must have one entry per table"));
+    half_.assign(widths_.size(), false);
+    if (context->HasAttr("Tvalues")) {
+      tensorflow::DataTypeVector types;
+      OP_REQUIRES_OK(context, context->GetAttr("Tvalues", &types));
+      OP_REQUIRES(context, types.size() == widths_.size(),
+                  tensorflow::errors::InvalidArgument("Tvalues must have one entry per table"));
+      for (size_t k = 0; k < types.size(); ++k) {
+        half_[k] = types[k] == tensorflow::DT_BFLOAT16;
+        OP_REQUIRES(context, !half_[k] || (std::is_same<T, Eigen::bfloat16>::value &&
+                                           !MaySum(rows_[k])),
+                    tensorflow::errors::InvalidArgument(
+                        "bfloat16 gradient rows need bfloat16 rows_grad and a table of more "
+                        "than ", kMaxSummedRows, " rows (never summed); table ", k, " has ",
+                        rows_[k]));
+      }
+    }
   }
 
   void Compute(OpKernelContext* context) override {
@@ -322,7 +339,7 @@ class EmbeddingRowsGradOp : public OpKernel {
     tensorflow::OpOutputList values, indices;
     OP_REQUIRES_OK(context, context->output_list("values", &values));
     OP_REQUIRES_OK(context, context->output_list("indices", &indices));
-    std::vector<float*> targets(n);
+    std::vector<void*> targets(n);  // float, or T where half_[k]
     std::vector<int64_t> offsets(n);
     std::vector<bool> summed(n);
     std::vector<int> rows_by_id;  // the tables whose rows are written one per id
@@ -333,7 +350,7 @@ class EmbeddingRowsGradOp : public OpKernel {
       Tensor* output = nullptr;
       OP_REQUIRES_OK(context, values.allocate(k, tensorflow::TensorShape({all, widths_[k]}),
                                               &output));
-      targets[k] = output->flat<float>().data();
+      targets[k] = output->data();
       Tensor* index = nullptr;
       const int64_t index_rows = grouped_ || MaySum(rows_[k]) ? all : 0;
       OP_REQUIRES_OK(context, indices.allocate(k, tensorflow::TensorShape({index_rows}), &index));
@@ -355,13 +372,23 @@ class EmbeddingRowsGradOp : public OpKernel {
             const T* row = part.source + i * total;
             const bool masked = part.keep != nullptr && !part.keep[i];
             for (int k : rows_by_id) {
-              float* target = targets[k] + (part.first + i) * widths_[k];
+              const int64_t width = widths_[k], place = (part.first + i) * width;
               const T* from = row + offsets[k];
-              if (masked) {
-                std::fill_n(target, widths_[k], 0.0f);
+              if (half_[k]) {  // T is bfloat16 (checked): the rows as they come
+                T* target = static_cast<T*>(targets[k]) + place;
+                if (masked) {
+                  std::memset(static_cast<void*>(target), 0, width * sizeof(T));  // +0.0
+                } else {
+                  std::memcpy(static_cast<void*>(target), from, width * sizeof(T));
+                }
                 continue;
               }
-              for (int64_t j = 0; j < widths_[k]; ++j) target[j] = static_cast<float>(from[j]);
+              float* target = static_cast<float*>(targets[k]) + place;
+              if (masked) {
+                std::fill_n(target, width, 0.0f);
+                continue;
+              }
+              for (int64_t j = 0; j < width; ++j) target[j] = static_cast<float>(from[j]);
             }
           }
         });
@@ -468,6 +495,7 @@ class EmbeddingRowsGradOp : public OpKernel {
   int threads_ = 0;
   bool grouped_ = false;
   std::vector<int64_t> widths_, rows_;
+  std::vector<bool> half_;  // table k's rows are given as T (bfloat16), not float
   GroupLayout layout_;
 };
 
@@ -554,10 +582,13 @@ REGISTER_OP("SimMerlinEmbeddingRowGroupsGrad")
     .Input("rows_grad: G * T")      // each group's [..., sum(widths)]
     .Input("ids: NG * Tindices")    // the forward op's ids
     .Input("masks: M * bool")       // the forward op's masks
-    .Output("values: N * float")    // [sum of counts or m, widths[k]]
+    .Output("values: Tvalues")      // [sum of counts or m, widths[k]]
     .Output("indices: N * int64")   // [m] or all groups' ids
     GROUP_ATTRS
     .Attr("table_rows: list(int)")
+    // Per table: float, or bfloat16 (only with T = bfloat16, for a table never summed) to give
+    // the gradient rows in the dtype they come in (exact; half the bytes of float32).
+    .Attr("Tvalues: list({float, bfloat16})")
     .SetShapeFn(GradientShapes);
 
 #define REGISTER(op, kernel, T, Index)                                  \

@@ -27,6 +27,10 @@ Example::
 """
 from __future__ import annotations
 
+import contextlib
+import threading
+import weakref
+
 import sim_merlin.tf_compat  # noqa: F401
 import tensorflow as tf
 from tensorflow.python.eager import tape as _tape
@@ -36,6 +40,34 @@ from sim_merlin.kernels.build import load as _library, threads as _threads
 
 
 MAX_SUMMED_ROWS = 32768  # embedding_rows.cc's kMaxSummedRows
+
+_state = threading.local()
+# graph -> {name of a grouped lookup op: per table, whether its gradient rows stay bfloat16}
+_BFLOAT16_GRADIENTS = weakref.WeakKeyDictionary()
+
+
+@contextlib.contextmanager
+def bfloat16_gradient_rows(variables):
+    """Within the block, a bfloat16 :func:`embedding_row_groups` traced in a ``tf.function``
+    gives the gradient rows of those of ``variables`` larger than ``MAX_SUMMED_ROWS`` rows in
+    bfloat16, the dtype the gradient arrives in, instead of float32: the same values (bfloat16
+    widens to float32 exactly), half the bytes to write and to read back. Only for tables whose
+    gradient goes to an update that takes bfloat16 rows (Adam's deferred update,
+    :func:`sim_merlin.kernels.adam.deferred_update`), not to one that would sum them in
+    bfloat16."""
+    previous = getattr(_state, "bfloat16", ())
+    _state.bfloat16 = previous + tuple(_variable(v) for v in variables)
+    try:
+        yield
+    finally:
+        _state.bfloat16 = previous
+
+
+def _bfloat16_gradient_tables(tables, rows, dtype) -> list:
+    wanted = getattr(_state, "bfloat16", ())
+    if tf.as_dtype(dtype) != tf.bfloat16 or not wanted or not tf.inside_function():
+        return []
+    return [any(t is w for w in wanted) and r > MAX_SUMMED_ROWS for t, r in zip(tables, rows)]
 
 
 def _variable(table):
@@ -106,11 +138,16 @@ def embedding_row_groups(tables, ids, dtype=tf.float32, masks=None):
                          f"ids and {len(masks)} masks")
     tables, widths, rows = _tables_and_widths(tables)
     index_dtype = _index_dtype([i for group in ids for i in group])
-    return _library().sim_merlin_embedding_row_groups(
+    outputs = _library().sim_merlin_embedding_row_groups(
         [t.handle for t in tables], [tf.cast(i, index_dtype) for group in ids for i in group],
         [tf.cast(m, tf.bool) for m in masks if m is not None],
         G=len(ids), masked=[m is not None for m in masks], widths=widths, table_rows=rows,
         T=tf.as_dtype(dtype), threads=_threads())
+    half = _bfloat16_gradient_tables(tables, rows, dtype)
+    if any(half):
+        op = outputs[0].op
+        _BFLOAT16_GRADIENTS.setdefault(op.graph, {})[op.name] = half
+    return outputs
 
 
 @tf.RegisterGradient("SimMerlinEmbeddingRows")
@@ -139,9 +176,13 @@ def _embedding_row_groups_gradient(op, *rows_grads):
     masks = op.inputs[count + count * groups:]
     rows_grads = [tf.zeros_like(output) if grad is None else grad
                   for grad, output in zip(rows_grads, op.outputs)]
+    forward = getattr(op.outputs[0], "op", None)  # the tape passes a stand-in for the op
+    half = (_BFLOAT16_GRADIENTS.get(forward.graph, {}).get(forward.name) if forward is not None
+            else None) or [False] * count
     values, indices = _library().sim_merlin_embedding_row_groups_grad(
         rows_grads, ids, masks, N=count, masked=op.get_attr("masked"), widths=op.get_attr("widths"),
-        table_rows=op.get_attr("table_rows"), threads=op.get_attr("threads"))
+        table_rows=op.get_attr("table_rows"), threads=op.get_attr("threads"),
+        Tvalues=[tf.bfloat16 if h else tf.float32 for h in half])
     gradients = [tf.IndexedSlices(part, index, resource_variable_ops.variable_shape(handle))
                  for handle, part, index in zip(op.inputs[:count], values, indices)]
     return gradients + [None] * (len(op.inputs) - count)

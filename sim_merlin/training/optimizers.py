@@ -196,6 +196,9 @@ class Adam(_MergesOwnDuplicates, tf.keras.optimizers.Adam):
             return self._deferred_update(gradient, variable, steps)
         dtype = variable.dtype
         if isinstance(gradient, tf.IndexedSlices):
+            if gradient.values.dtype != dtype:  # e.g. bfloat16 rows: summed in float32
+                gradient = tf.IndexedSlices(tf.cast(gradient.values, dtype), gradient.indices,
+                                            gradient.dense_shape)
             indices = gradient.indices
             rows = variable.shape[0]
             if rows is not None and rows < 2**31:

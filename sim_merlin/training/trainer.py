@@ -50,6 +50,7 @@ import numpy as np
 import tensorflow as tf
 
 from sim_merlin.blocks.table_reads import listening
+from sim_merlin.kernels.embedding_rows import bfloat16_gradient_rows
 from sim_merlin.kernels.model_ops import plain_ops
 
 
@@ -157,9 +158,13 @@ class Trainer:
     def _compute_gradients(self, features, labels):
         labels = tf.reshape(tf.cast(labels, tf.float32), [-1])
         variables = self.model.trainable_variables
-        # The lookups of deferred tables bring their rows up to date first.
+        # The lookups of deferred tables bring their rows up to date first. Their gradient rows
+        # may stay bfloat16 (the deferred update widens them, exactly) unless Horovod exchanges
+        # them.
         reads = listening(self._catch_up) if self.deferred_tables else contextlib.nullcontext()
-        with tf.GradientTape() as tape, reads:
+        half = (bfloat16_gradient_rows(self.deferred_tables)
+                if self.deferred_tables and not self._horovod else contextlib.nullcontext())
+        with tf.GradientTape() as tape, reads, half:
             terms = self.block.loss_terms(features, labels, training=True)
             total = terms["classification_loss"] + terms["auxiliary_loss"]
             scaled = self.optimizer.get_scaled_loss(total) if self.loss_scaling else total

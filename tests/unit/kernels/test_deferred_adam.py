@@ -250,3 +250,24 @@ def test_a_row_outside_the_table_is_named_when_the_rows_are_marked():
     with pytest.raises(tf.errors.InvalidArgumentError, match="index 6 is 2, outside .* 2 rows"):
         adam.catch_up(*variables, steps, tf.constant([0, 1, 1, 0, 0, 1, 2, 0]), LR, BETA_1,
                       BETA_2, EPSILON, 1)
+
+
+@pytest.mark.parametrize("width", [16, 5])
+def test_bfloat16_gradient_rows_give_the_bits_of_their_float32_values(width):
+    # The rows a bfloat16 lookup's gradient gives: widened in the op, summed in float32, the
+    # same update as from the float32 rows of the same values.
+    rng = np.random.default_rng(11)
+    rows = 30
+    initial = (rng.normal(size=(rows, width)) * 0.1).astype(np.float32)
+    from_half, from_full = table(initial), table(initial)
+    steps = [tf.Variable(tf.zeros([rows], tf.int32)) for _ in range(2)]
+    for step in range(1, 8):
+        indices = tf.constant(rng.integers(0, rows, 50))  # repeats: summed in order
+        half = tf.cast(tf.constant(rng.normal(size=(50, width)) * 10, tf.float32), tf.bfloat16)
+        adam.deferred_update(*from_half, steps[0], tf.IndexedSlices(half, indices), LR, BETA_1,
+                             BETA_2, EPSILON, step)
+        adam.deferred_update(*from_full, steps[1], tf.IndexedSlices(
+            tf.cast(half, tf.float32), indices), LR, BETA_1, BETA_2, EPSILON, step)
+    for name, mine, theirs in zip(("weights", "m", "v"), from_half, from_full):
+        np.testing.assert_array_equal(mine.numpy(), theirs.numpy(), err_msg=name)
+    assert not np.array_equal(from_half[0].numpy(), initial)

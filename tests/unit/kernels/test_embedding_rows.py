@@ -1,6 +1,8 @@
 """The fused lookup op (embedding_rows.cc) against gather + cast + concat in TensorFlow ops: the
 same bits forward (every float32 bit pattern, NaN and infinities included) and the same
 IndexedSlices gradients; ids outside a table named; the one-thread pool path."""
+import contextlib
+
 import numpy as np
 import pytest
 
@@ -276,3 +278,58 @@ def test_groups_without_a_gradient_for_one_group_and_errors_named():
         embedding_rows.embedding_row_groups(tables, bad, tf.float32, masks)
     with pytest.raises(ValueError, match="one ids tensor per table"):
         embedding_rows.embedding_row_groups(tables, [ids[0][:1]], tf.float32)
+
+
+def test_bfloat16_gradient_rows_are_the_float32_rows_narrowed_exactly():
+    # A large table (more rows than are ever summed) and a small one, both looked up in
+    # bfloat16; inside bfloat16_gradient_rows the large one's rows come as bfloat16.
+    rng = np.random.default_rng(4)
+    rows = embedding_rows.MAX_SUMMED_ROWS + 5
+    large = tf.Variable(rng.normal(size=(rows, 16)).astype(np.float32))
+    small = tf.Variable(rng.normal(size=(20, 5)).astype(np.float32))
+    ids = [[tf.constant(rng.integers(0, rows, (8,))), tf.constant(rng.integers(0, 20, (8,)))],
+           [tf.constant(rng.integers(0, rows, (8, 40))), tf.constant(rng.integers(0, 20, (8, 40)))]]
+    masks = [None, tf.constant(rng.uniform(size=(8, 40)) < 0.7)]
+    upstream = [tf.cast(tf.random.stateless_normal(list(i[0].shape) + [21], [g, 3]), tf.bfloat16)
+                for g, i in enumerate(ids)]
+
+    def run(half):
+        @tf.function
+        def gradients():
+            context = (embedding_rows.bfloat16_gradient_rows([large, small]) if half
+                       else contextlib.nullcontext())
+            with tf.GradientTape() as tape, context:
+                looked_up = embedding_rows.embedding_row_groups([large, small], ids, tf.bfloat16,
+                                                                masks)
+                loss = tf.add_n([tf.reduce_sum(tf.cast(r * u, tf.float32))
+                                 for r, u in zip(looked_up, upstream)])
+            return tape.gradient(loss, [large, small])
+        return gradients()
+
+    (half_large, half_small), (full_large, full_small) = run(True), run(False)
+    assert half_large.values.dtype == tf.bfloat16 and full_large.values.dtype == tf.float32
+    assert half_small.values.dtype == tf.float32  # a small table's sums stay float32
+    np.testing.assert_array_equal(half_large.indices.numpy(), full_large.indices.numpy())
+    # Exact: widening the bfloat16 rows gives the float32 rows' bits (masked rows +0.0).
+    np.testing.assert_array_equal(bits(tf.cast(half_large.values, tf.float32)),
+                                  bits(full_large.values))
+    keep = masks[1].numpy().reshape(-1)
+    assert not bits(half_large.values)[8:][~keep].any()
+    np.testing.assert_array_equal(half_small.values.numpy(), full_small.values.numpy())
+    # Outside a function (eagerly) the context changes nothing.
+    with tf.GradientTape() as tape, embedding_rows.bfloat16_gradient_rows([large]):
+        looked_up = embedding_rows.embedding_row_groups([large, small], ids[:1], tf.bfloat16)
+        loss = tf.reduce_sum(tf.cast(looked_up[0], tf.float32))
+    assert tape.gradient(loss, large).values.dtype == tf.float32
+
+
+def test_bfloat16_gradient_rows_are_refused_where_they_would_be_summed_or_widened():
+    small = tf.Variable(np.zeros([20, 4], np.float32))
+    ids = tf.constant([[1, 2]])
+    grad = embedding_rows._library().sim_merlin_embedding_row_groups_grad
+    with pytest.raises((tf.errors.InvalidArgumentError, ValueError), match="never summed"):
+        grad([tf.zeros([1, 2, 4], tf.bfloat16)], [ids], [], N=1, masked=[False], widths=[4],
+             table_rows=[20], Tvalues=[tf.bfloat16])
+    with pytest.raises((tf.errors.InvalidArgumentError, ValueError), match="bfloat16 rows_grad"):
+        grad([tf.zeros([1, 2, 4], tf.float32)], [ids], [], N=1, masked=[False], widths=[4],
+             table_rows=[40000], Tvalues=[tf.bfloat16])

@@ -342,6 +342,39 @@ def test_deferred_adam_rows_train_the_bits_of_dense_adam(kind, policy, schema, m
 
 
 @needs_kernels
+@pytest.mark.parametrize("kind", ["din", "sim"])
+def test_bfloat16_gradient_rows_of_a_large_table_train_the_same_bits(kind, monkeypatch):
+    # An item table larger than MAX_SUMMED_ROWS: under mixed_bfloat16 its gradient rows go to
+    # the deferred update as bfloat16 (the dtype they arrive in), which widens them exactly.
+    import contextlib
+
+    from sim_merlin.kernels.embedding_rows import MAX_SUMMED_ROWS
+    from sim_merlin.training import trainer as trainer_module
+
+    large = sample_schema({"item_id": MAX_SUMMED_ROWS + 100,
+                           "category_id": CARDINALITY["category_id"]},
+                          {"user_id": CARDINALITY["user_id"]}, HISTORY)
+    batches = [make_batch(seed, size=8) for seed in range(4)]
+    trainer, losses, state = train_on_batches(kind, large, batches, True, monkeypatch,
+                                              "mixed_bfloat16")
+    graph = trainer._gradients.get_concrete_function(*batches[0]).graph
+    value_types = [op.get_attr("Tvalues") for op in graph.get_operations()
+                   if op.type == "SimMerlinEmbeddingRowGroupsGrad"]
+    assert [tf.bfloat16, tf.float32] in value_types  # the item table's rows, the categories'
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer_module, "bfloat16_gradient_rows",
+                      lambda variables: contextlib.nullcontext())
+        plain_trainer, plain_losses, plain_state = train_on_batches(
+            kind, large, batches, True, monkeypatch, "mixed_bfloat16")
+    graph = plain_trainer._gradients.get_concrete_function(*batches[0]).graph
+    assert all(tf.bfloat16 not in op.get_attr("Tvalues") for op in graph.get_operations()
+               if op.type == "SimMerlinEmbeddingRowGroupsGrad")
+    assert losses == plain_losses
+    for mine, theirs in zip(state, plain_state):
+        np.testing.assert_array_equal(mine, theirs)
+
+
+@needs_kernels
 def test_deferred_rows_wait_until_read_and_predict_step_synchronizes(schema, batch,
                                                                      monkeypatch):
     batches = [make_batch(seed, size=8) for seed in range(4)]
