@@ -413,34 +413,33 @@ class Run:
                                      num_ranks=self.dist.size)
         time_to_train, last = 0.0, {}
         perf.start()
-        for epoch in range(start_epoch, a.epochs):
-            epoch_started = time.perf_counter()
-            loader = train.loader(self.local_batch, self.dist.rank, self.dist.size, a.sharding,
-                                  shuffle=True, seed=self.seed + 1_000_003 * epoch
-                                  + (self.dist.rank if a.sharding == "rows" else 0),
-                                  drop_remainder=a.drop_remainder,
-                                  columns=self.columns_read(train, True))
-            self._train_epoch(trainer, loader, steps, epoch, perf)
-            trainer.synchronize()  # every embedding row up to date (deferred Adam steps)
-            epoch_time = time.perf_counter() - epoch_started
-            time_to_train += epoch_time
-            if a.benchmark:
-                if perf.completed:
-                    break
-                continue
-            performance = perf.results()
-            metrics = self.evaluate(trainer, {"test": test} if a.no_train_eval
-                                    else {"train": train, "test": test})
-            self.checkpoint.epoch.assign(epoch)
-            if manager is not None and self.dist.is_chief:
-                manager.save(checkpoint_number=epoch)
-            last = {"epoch_time": epoch_time, **metrics}
-            self._log([epoch], {**_reference_keys(performance), **last})
-            self.say(f"epoch {epoch}: test AUC {metrics['test_auc']:.4f} (8000 thresholds "
-                     f"{metrics['test_auc_8000']:.4f}), test loss {metrics['test_loss']:.4f}, "
-                     f"{performance['throughput']:,.0f} samples/s, {epoch_time:.1f} s")
-            perf.new_window()
+        upcoming = []  # the next epoch's loader, started before this epoch ends (_train_epoch)
+        try:
+            for epoch in range(start_epoch, a.epochs):
+                epoch_started = time.perf_counter()
+                loader = upcoming.pop() if upcoming else self._epoch_loader(train, epoch)
+
+                def start_next(epoch=epoch):
+                    if epoch + 1 < a.epochs and not upcoming:
+                        upcoming.append(self._epoch_loader(train, epoch + 1))
+
+                self._train_epoch(trainer, loader, steps, epoch, perf, start_next)
+                if a.benchmark:
+                    # Nothing reads whole tables before the end: deferred Adam rows keep waiting.
+                    time_to_train += time.perf_counter() - epoch_started
+                    if perf.completed:
+                        break
+                    continue
+                trainer.synchronize()  # every embedding row up to date (deferred Adam steps)
+                epoch_time = time.perf_counter() - epoch_started
+                time_to_train += epoch_time
+                last = self._end_epoch(trainer, manager, train, test, epoch, epoch_time, perf)
+        finally:
+            for loader in upcoming:
+                loader.stop()
+        trainer.synchronize()
         replicas = self._compare_replicas(trainer)
+
         if a.benchmark:
             self._log([], {**_reference_keys(perf.results()), **replicas})
         elif last:
@@ -470,16 +469,51 @@ class Run:
             self.say("warning: the workers' weights differ after training")
         return {"replica_weights_identical": identical}
 
-    def _train_epoch(self, trainer, loader, steps, epoch, perf):
+    def _end_epoch(self, trainer, manager, train, test, epoch, epoch_time, perf) -> dict:
+        """Evaluate, checkpoint and log an epoch of training; its record."""
+        a = self.args
+        performance = perf.results()
+        metrics = self.evaluate(trainer, {"test": test} if a.no_train_eval
+                                else {"train": train, "test": test})
+        self.checkpoint.epoch.assign(epoch)
+        if manager is not None and self.dist.is_chief:
+            manager.save(checkpoint_number=epoch)
+        last = {"epoch_time": epoch_time, **metrics}
+        self._log([epoch], {**_reference_keys(performance), **last})
+        self.say(f"epoch {epoch}: test AUC {metrics['test_auc']:.4f} (8000 thresholds "
+                 f"{metrics['test_auc_8000']:.4f}), test loss {metrics['test_loss']:.4f}, "
+                 f"{performance['throughput']:,.0f} samples/s, {epoch_time:.1f} s")
+        perf.new_window()
+        return last
+
+    def _epoch_loader(self, train, epoch):
+        """Epoch ``epoch``'s shuffled loader of this worker's shard, reading from now on."""
+        a = self.args
+        loader = train.loader(self.local_batch, self.dist.rank, self.dist.size, a.sharding,
+                              shuffle=True, seed=self.seed + 1_000_003 * epoch
+                              + (self.dist.rank if a.sharding == "rows" else 0),
+                              drop_remainder=a.drop_remainder,
+                              columns=self.columns_read(train, True))
+        return _Started(loader)
+
+    def _train_epoch(self, trainer, loader, steps, epoch, perf, start_next=None):
+        """One epoch of ``steps`` steps from ``loader`` (a :class:`_Started`). ``start_next()``
+        is called once the loader has read all it will: the next epoch's loader then reads its
+        first chunk while this epoch's last batches train, instead of between the epochs (about
+        0.2 s per epoch here). Not earlier: the loaders draw their shuffles from numpy's global
+        random state, which the next loader reseeds."""
         import numpy as np
 
         a = self.args
         keys = ("total_loss",) if a.model_type == "din" else (
             "total_loss", "classification_loss", "dien_aux_loss")
         bar = self._progress(steps, f"epoch {epoch}")
-        for step, (features, labels) in enumerate(loader):
+        for step, (features, labels) in enumerate(loader.batches()):
             if step >= steps:
                 break
+            if start_next is not None and loader.finished_reading():
+                start_next()
+                start_next = None
             losses = trainer.train_step(features, labels)
             values = {"total_loss": float(losses["total_loss"]),
                       "classification_loss": float(losses["classification_loss"]),
@@ -502,8 +536,7 @@ class Run:
                 break
         if bar is not None:
             bar.close()
-        if hasattr(loader, "stop"):
-            loader.stop()
+        loader.stop()
 
     def _progress(self, total, description):
         if not self.dist.is_chief or self.args.progress == "off":
@@ -663,6 +696,32 @@ class Run:
     def _log(self, step, data: dict):
         self.log.log(step, data)
         self.out.log(step, data)
+
+
+class _Started:
+    """A loader whose reading thread starts now; :meth:`batches` continues it (iterating a
+    Merlin loader again would restart it)."""
+
+    def __init__(self, loader):
+        self.loader = loader
+        self._iterator = iter(loader)
+
+    def batches(self):
+        while True:
+            try:
+                batch = next(self._iterator)
+            except StopIteration:
+                return
+            yield batch
+
+    def finished_reading(self) -> bool:
+        """The loader has queued its last batch (its reading thread has ended)."""
+        finished = getattr(self.loader, "finished_reading", None)
+        return True if finished is None else finished()
+
+    def stop(self) -> None:
+        if hasattr(self.loader, "stop"):
+            self.loader.stop()
 
 
 def _check_options(a):

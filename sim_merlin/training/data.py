@@ -184,6 +184,12 @@ def _loader_class():
             buffer.shuffle = False
             return buffer
 
+        def finished_reading(self) -> bool:
+            """The reading thread has queued its last chunk and ended (it draws no more from
+            numpy's random state): a next loader may start."""
+            workers = getattr(self, "_workers", None)
+            return bool(workers) and not any(t.is_alive() for t in workers)
+
         def make_tensors(self, gdf, use_row_lengths=False):
             # Merlin's make_tensors is a generator: the reading thread only creates it, and the
             # whole chunk's conversion (list columns to arrays, value checks, one tensor per
