@@ -6,17 +6,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # fit_helpers (tests import in importlib mode)
 
-from sim_merlin.datasets.synthetic import SyntheticConfig, generate
-from sim_merlin.preprocessing.pipeline import PreprocessConfig, preprocess
-
-
-def make_preprocessed(root, synthetic: SyntheticConfig, history_length: int):
-    """Generate built-in data under ``root`` and preprocess it with the real pipeline."""
-    generate(synthetic, root / "raw")
-    preprocess(PreprocessConfig(reviews=root / "raw" / "reviews_Books.json",
-                                meta=root / "raw" / "meta_Books.json", output=root / "data",
-                                max_sequence_length=history_length))
-    return root / "data"
+from fit_helpers import make_preprocessed  # noqa: E402
+from sim_merlin.datasets.synthetic import SyntheticConfig  # noqa: E402
 
 
 @pytest.fixture(scope="session")

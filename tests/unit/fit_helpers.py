@@ -1,4 +1,5 @@
-"""Shared by the tests of ``python -m sim_merlin.fit``: running it and reading its log."""
+"""Shared by the tests of ``python -m sim_merlin.fit``: the data sets they train on, running
+it and reading its log."""
 import glob
 import os
 import subprocess
@@ -6,6 +7,8 @@ import sys
 
 import pandas as pd
 
+from sim_merlin.datasets.synthetic import SyntheticConfig, generate
+from sim_merlin.preprocessing.pipeline import PreprocessConfig, preprocess
 from sim_merlin.training.logger import read_log
 
 SMALL_SIM = ["--embedding_dim", "4", "--long_seq_length", "15", "--top_k", "6", "--esu_heads",
@@ -17,6 +20,16 @@ PERFORMANCE_KEYS = {"throughput", "time", "latency_mean", "latency_p90", "latenc
 EPOCH_KEYS = PERFORMANCE_KEYS | {"train_auc", "train_loss", "test_auc", "test_loss"}
 SUMMARY_KEYS = {"time_to_train", "train_auc", "train_loss", "test_auc", "test_loss"}
 METADATA = ["test_auc", "latency_p90", "train_loss", "time_to_train", "throughput"]
+
+
+def make_preprocessed(root, synthetic: SyntheticConfig, history_length: int, **options):
+    """Generate built-in data under ``root`` and preprocess it with the real pipeline
+    (``options``: more :class:`PreprocessConfig` fields)."""
+    generate(synthetic, root / "raw")
+    preprocess(PreprocessConfig(reviews=root / "raw" / "reviews_Books.json",
+                                meta=root / "raw" / "meta_Books.json", output=root / "data",
+                                max_sequence_length=history_length, **options))
+    return root / "data"
 
 
 def fit_command(*args):

@@ -3,19 +3,16 @@ epoch ends, and the batches come in the order epoch-by-epoch loaders give."""
 import numpy as np
 import pytest
 
-from sim_merlin.datasets.synthetic import SyntheticConfig, generate
-from sim_merlin.preprocessing.pipeline import PreprocessConfig, preprocess
+from fit_helpers import make_preprocessed
+from sim_merlin.datasets.synthetic import SyntheticConfig
 
 
 @pytest.fixture(scope="module")
 def partitioned_dataset(tmp_path_factory):
     """Several partitions, so a loader reads several chunks per epoch."""
-    root = tmp_path_factory.mktemp("partitioned")
-    generate(SyntheticConfig(users=160, items=1200, categories=12, seed=8), root / "raw")
-    preprocess(PreprocessConfig(reviews=root / "raw" / "reviews_Books.json",
-                                meta=root / "raw" / "meta_Books.json", output=root / "data",
-                                max_sequence_length=10, users_per_partition=40))
-    return root / "data"
+    return make_preprocessed(tmp_path_factory.mktemp("partitioned"),
+                             SyntheticConfig(users=160, items=1200, categories=12, seed=8), 10,
+                             users_per_partition=40)
 
 
 def test_next_epochs_loader_starts_early_and_batches_keep_their_order(partitioned_dataset,
