@@ -29,7 +29,8 @@
 #include <vector>
 
 #include "adam_step.h"
-#include "variable_ops.h"
+#include "variable_ops.h"  // first of the Eigen users: it sets EIGEN_USE_THREADS
+#include "rows.h"
 
 namespace {
 
@@ -422,27 +423,16 @@ class CatchUpOp : public AdamKernel {
   }
 };
 
-// A gradient row's elements as float32: a bfloat16 is the high half of the float32 with the
-// same value (widening is exact), done on the bits so the loop vectorizes.
-inline float Widen(float x) { return x; }
-inline float Widen(const Eigen::bfloat16& x) {
-  uint16_t bits;
-  std::memcpy(&bits, &x, sizeof(bits));
-  const uint32_t wide = static_cast<uint32_t>(bits) << 16;
-  float out;
-  std::memcpy(&out, &wide, sizeof(out));
-  return out;
-}
+// Gradient rows summed in float32; a bfloat16 row is widened exactly (rows.h).
 template <typename Value>
 inline void AddRow(float* __restrict into, const Value* __restrict from, int64_t width) {
-  for (int64_t j = 0; j < width; ++j) into[j] += Widen(from[j]);
+  for (int64_t j = 0; j < width; ++j) into[j] += static_cast<float>(from[j]);
 }
 template <typename Value>
-inline void AppendRow(std::vector<float>* sums, const Value* __restrict from, int64_t width) {
+inline void AppendRow(std::vector<float>* sums, const Value* from, int64_t width) {
   const size_t size = sums->size();
   sums->resize(size + width);
-  float* __restrict into = sums->data() + size;
-  for (int64_t j = 0; j < width; ++j) into[j] = Widen(from[j]);
+  sim_merlin::Widen(from, width, sums->data() + size);
 }
 
 template <typename Index, typename Value>
